@@ -1,0 +1,24 @@
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+
+.PHONY: install run test clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	scripts/system-deps
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: install
+	scripts/run-dev
+
+test: install
+	scripts/test
+
+clean:
+	rm -rf $(VENV) .run staticfiles

@@ -1,0 +1,169 @@
+"""The consume loop: poll, apply in one transaction, then commit the offset."""
+
+import logging
+import signal
+import time
+from datetime import datetime, timezone
+
+from django.conf import settings
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
+
+from . import kafka
+from .models import ConsumerDeadLetter
+from .services import PoisonMessage, RawMessage, dead_letter_record, inbound_event_apply, inbound_event_parse
+
+logger = logging.getLogger(__name__)
+
+# Losing the database is not the message's fault: wait for it, never dead-letter because of it.
+DATABASE_DOWN = (OperationalError, InterfaceError)
+
+
+class EventConsumer:
+    def __init__(self, *, group_id: str, topics: list[str], dlq_topic: str, max_attempts: int, backoff_base: float):
+        self.group_id = group_id
+        self.topics = topics
+        self.dlq_topic = dlq_topic
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.stopping = False
+        self.stats = {"applied": 0, "duplicates": 0, "dead_lettered": 0}
+        self._consumer = kafka.build_consumer(group_id=group_id)
+        self._dlq_producer = None
+
+    def stop(self, *_args) -> None:
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> dict:
+        """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle)."""
+        self._consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        handled = 0
+        idle_since = time.monotonic()
+        try:
+            while not self.stopping:
+                message = self._consumer.poll(0.5)
+                if message is None:
+                    if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                        break
+                    continue
+                if message.error():
+                    if message.error().fatal():
+                        raise kafka.KafkaException(message.error())
+                    logger.warning("consumer: %s", message.error())
+                    continue
+                self._handle(message)
+                # Only now is the message's effect (or its dead letter) durable: commit past it.
+                self._consumer.commit(message=message, asynchronous=True)
+                handled += 1
+                idle_since = time.monotonic()
+                if max_messages is not None and handled >= max_messages:
+                    break
+        finally:
+            self._commit_sync()
+            self._consumer.close()
+            if self._dlq_producer is not None:
+                self._dlq_producer.flush(10)
+        return self.stats
+
+    def _handle(self, message: kafka.Message) -> None:
+        raw = RawMessage(
+            topic=message.topic(), partition=message.partition(), offset=message.offset(),
+            key=message.key(), value=message.value(), headers=list(message.headers() or []),
+        )
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                event = inbound_event_parse(raw)
+                applied = self._until_database_answers(lambda: inbound_event_apply(group_id=self.group_id, event=event, raw=raw))
+                self.stats["applied" if applied else "duplicates"] += 1
+                if not applied:
+                    logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type)
+                return
+            except PoisonMessage as exc:
+                return self._dead_letter(raw, f"poison message: {exc}", attempts)
+            except DATABASE_DOWN:
+                raise  # only while stopping: leave the offset uncommitted, the message comes back
+            except Exception as exc:
+                if attempts >= self.max_attempts:
+                    return self._dead_letter(raw, f"handler failed: {exc!r}", attempts)
+                logger.warning("handler failed for %s[%d]@%d (attempt %d): %r",
+                               raw.topic, raw.partition, raw.offset, attempts, exc)
+                time.sleep(self.backoff_base * 2 ** (attempts - 1))
+
+    def _until_database_answers(self, work):
+        delay = 0.5
+        while True:
+            try:
+                return work()
+            except DATABASE_DOWN as exc:
+                if self.stopping:
+                    raise
+                logger.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
+                connection.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            except DatabaseError:
+                close_old_connections()
+                raise
+
+    def _dead_letter(self, raw: RawMessage, error: str, attempts: int) -> None:
+        record = self._until_database_answers(
+            lambda: dead_letter_record(group_id=self.group_id, raw=raw, error=error, attempts=attempts, dlq_topic=self.dlq_topic)
+        )
+        self.stats["dead_lettered"] += 1
+        logger.error("dead-lettered %s[%d]@%d after %d attempt(s): %s", raw.topic, raw.partition, raw.offset, attempts, error)
+        if not record.dlq_published and self._publish_dead_letter(raw, error, attempts):
+            self._until_database_answers(
+                lambda: ConsumerDeadLetter.objects.filter(pk=record.pk).update(dlq_published=True)
+            )
+
+    def _publish_dead_letter(self, raw: RawMessage, error: str, attempts: int) -> bool:
+        if self._dlq_producer is None:
+            self._dlq_producer = kafka.build_producer()
+        outcome = []
+        headers = raw.headers + [
+            ("dlq.error", error.encode()),
+            ("dlq.attempts", str(attempts).encode()),
+            ("dlq.originalTopic", raw.topic.encode()),
+            ("dlq.originalPartition", str(raw.partition).encode()),
+            ("dlq.originalOffset", str(raw.offset).encode()),
+            ("dlq.consumerGroup", self.group_id.encode()),
+            ("dlq.failedAt", datetime.now(timezone.utc).isoformat().encode()),
+        ]
+        self._dlq_producer.produce(
+            self.dlq_topic, key=raw.key, value=raw.value, headers=headers,
+            on_delivery=lambda err, _msg: outcome.append(err),
+        )
+        self._dlq_producer.flush(15)
+        if outcome and outcome[0] is None:
+            return True
+        # The dead letter is in the database either way; the topic copy is for downstream tooling.
+        logger.critical("could not write %s[%d]@%d to DLQ topic %s: %s; it is kept in the database",
+                        raw.topic, raw.partition, raw.offset, self.dlq_topic, outcome[0] if outcome else "timeout")
+        return False
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        self._commit_sync()
+
+    def _commit_sync(self) -> None:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except kafka.KafkaException as exc:
+            if exc.args[0].code() != kafka.KafkaError._NO_OFFSET:
+                logger.warning("offset commit failed (messages will be redelivered and deduped): %s", exc)
+        except RuntimeError:
+            pass  # consumer already closed
+
+
+def consumer_from_settings() -> EventConsumer:
+    return EventConsumer(
+        group_id=settings.INBOX_GROUP_ID,
+        topics=settings.INBOX_TOPICS,
+        dlq_topic=settings.INBOX_DLQ_TOPIC,
+        max_attempts=settings.INBOX_MAX_ATTEMPTS,
+        backoff_base=settings.INBOX_BACKOFF_BASE,
+    )

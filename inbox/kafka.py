@@ -1,0 +1,37 @@
+"""The consumer side's only contact with Kafka."""
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from django.conf import settings
+
+__all__ = ["Consumer", "KafkaError", "KafkaException", "Message", "TopicPartition", "build_consumer", "build_producer"]
+
+
+def build_consumer(*, group_id: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 10000,
+            "max.poll.interval.ms": 300000,
+            **settings.KAFKA_CONFIG,
+            **settings.KAFKA_CONSUMER_CONFIG,
+            "group.id": group_id,
+            # Offsets are committed by hand, only after the database transaction committed.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+    )
+
+
+def build_producer() -> Producer:
+    """For the consumer's DLQ topic."""
+    return Producer(
+        {
+            "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+            "message.timeout.ms": 10000,
+            **settings.KAFKA_CONFIG,
+            **settings.KAFKA_PRODUCER_CONFIG,
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+    )

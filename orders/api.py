@@ -1,0 +1,63 @@
+from rest_framework import status
+from rest_framework.exceptions import ValidationError
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from . import selectors, services
+from .serializers import OrderCreateSerializer, OrderSerializer
+
+
+def exception_handler(exc, context):
+    """DRF's handler, plus the domain error mapped to its HTTP status."""
+    if isinstance(exc, services.OrderError):
+        return Response({"detail": str(exc)}, status=exc.status)
+    return drf_exception_handler(exc, context)
+
+
+class OrderListCreateApi(APIView):
+    def get(self, request: Request) -> Response:
+        customer_id = request.query_params.get("customer_id")
+        orders = selectors.order_list(owner=request.user, customer_id=customer_id)
+        paginator = PageNumberPagination()
+        page = paginator.paginate_queryset(orders, request, view=self)
+        return paginator.get_paginated_response(OrderSerializer(page, many=True).data)
+
+    def post(self, request: Request) -> Response:
+        if not isinstance(request.data, dict):
+            raise ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        serializer = OrderCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+
+        def create() -> tuple[int, dict]:
+            order = services.order_create(
+                owner=request.user,
+                customer_id=data["customer_id"],
+                items=[services.ItemInput(**item) for item in data["items"]],
+            )
+            return status.HTTP_201_CREATED, OrderSerializer(selectors.order_get(owner=request.user, order_id=order.pk)).data
+
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            code, body = create()
+        else:
+            fingerprint = services.request_fingerprint(request.data)
+            code, body = services.idempotent_call(owner=request.user, key=key, fingerprint=fingerprint, call=create)
+        return Response(body, status=code)
+
+
+class OrderDetailApi(APIView):
+    def get(self, request: Request, order_id: int) -> Response:
+        order = selectors.order_get(owner=request.user, order_id=order_id)
+        if order is None:
+            return Response({"detail": f"order {order_id} not found"}, status=status.HTTP_404_NOT_FOUND)
+        return Response(OrderSerializer(order).data)
+
+
+class OrderCancelApi(APIView):
+    def post(self, request: Request, order_id: int) -> Response:
+        services.order_cancel(owner=request.user, order_id=order_id)
+        return Response(OrderSerializer(selectors.order_get(owner=request.user, order_id=order_id)).data)

@@ -1,0 +1,93 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class OutboxEvent(models.Model):
+    """One domain event, written in the same transaction as the change it describes.
+
+    The auto-increment id is the publication order: events of one aggregate are written under
+    that aggregate's row lock, so their ids follow their commit order.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        DEAD = "dead"  # exhausted: see FailedEvent
+
+    id = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    aggregate_type = models.CharField(max_length=64)
+    aggregate_id = models.CharField(max_length=64)
+    event_type = models.CharField(max_length=64)
+    payload = models.JSONField()
+    occurred_at = models.DateTimeField(default=timezone.now)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    available_at = models.DateTimeField(default=timezone.now, help_text="Not published before this time (backoff).")
+    last_error = models.TextField(blank=True, default="")
+    published_at = models.DateTimeField(null=True, blank=True)
+    kafka_partition = models.IntegerField(null=True, blank=True)
+    kafka_offset = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # The claim: WHERE status='pending' AND available_at <= now ORDER BY id, walked in index order.
+            models.Index(fields=["status", "id"], name="outbox_claim_idx"),
+            # The per-aggregate ordering check and "events of this order" look-ups.
+            models.Index(fields=["aggregate_type", "aggregate_id", "id"], name="outbox_aggregate_idx"),
+            # Retention purge of old sent rows.
+            models.Index(fields=["status", "published_at"], name="outbox_purge_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status__in=["pending", "sent", "dead"]), name="outbox_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.aggregate_type}:{self.aggregate_id} ({self.status})"
+
+    @property
+    def topic(self) -> str:
+        return settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
+
+
+class FailedEvent(models.Model):
+    """An event the relay gave up on. Never deleted automatically: an operator inspects and requeues."""
+
+    class Status(models.TextChoices):
+        DEAD_LETTERED = "dead_lettered", "in DLQ topic"
+        DLQ_PENDING = "dlq_pending", "DLQ publish pending"
+        FAILED = "failed", "DLQ publish failed"
+        REQUEUED = "requeued"
+
+    # A ForeignKey, not one-to-one: a requeued event that fails again gets a second record.
+    outbox_event = models.ForeignKey(OutboxEvent, on_delete=models.PROTECT, related_name="failures")
+    event_id = models.UUIDField(db_index=True)
+    aggregate_type = models.CharField(max_length=64)
+    aggregate_id = models.CharField(max_length=64, db_index=True)
+    event_type = models.CharField(max_length=64)
+    topic = models.CharField(max_length=255)
+    payload = models.JSONField()
+    headers = models.JSONField()
+    error = models.TextField()
+    attempts = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices)
+    dlq_attempts = models.PositiveIntegerField(default=0)
+    dlq_error = models.TextField(blank=True, default="")
+    dlq_next_attempt_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(default=timezone.now)
+    requeued_at = models.DateTimeField(null=True, blank=True)
+    requeued_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        permissions = [("requeue_failedevent", "Can requeue failed events")]
+        indexes = [models.Index(fields=["status", "dlq_next_attempt_at"], name="failed_dlq_retry_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.aggregate_type}:{self.aggregate_id} ({self.status})"

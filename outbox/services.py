@@ -1,0 +1,80 @@
+import json
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection, transaction
+from django.utils import timezone
+
+from .models import FailedEvent, OutboxEvent
+
+logger = logging.getLogger(__name__)
+
+
+class OutboxError(Exception):
+    pass
+
+
+def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, payload: dict[str, Any]) -> OutboxEvent:
+    """Record an event inside the caller's transaction; it is published only if that transaction commits."""
+    if not connection.in_atomic_block:
+        raise OutboxError("outbox_enqueue must run inside the transaction that makes the change")
+    event = OutboxEvent.objects.create(
+        aggregate_type=aggregate_type,
+        aggregate_id=str(aggregate_id),
+        event_type=event_type,
+        # Round-trip through the encoder so decimals, dates and UUIDs are stored as JSON strings.
+        payload=json.loads(json.dumps(payload, cls=DjangoJSONEncoder)),
+    )
+    transaction.on_commit(_wake_relay)
+    return event
+
+
+def _wake_relay() -> None:
+    # Imported here: the relay depends on the outbox, not the other way round at import time.
+    from relay.services import relay_wake
+
+    relay_wake()
+
+
+@transaction.atomic
+def failed_event_requeue(*, failed_events, user) -> int:
+    """Put failed events back into the outbox with their original event id and key."""
+    count = 0
+    for failed in failed_events.select_for_update().filter(
+        status__in=[FailedEvent.Status.DEAD_LETTERED, FailedEvent.Status.DLQ_PENDING, FailedEvent.Status.FAILED]
+    ):
+        OutboxEvent.objects.filter(pk=failed.outbox_event_id).update(
+            status=OutboxEvent.Status.PENDING,
+            attempts=0,
+            available_at=timezone.now(),
+            last_error="",
+        )
+        failed.status = FailedEvent.Status.REQUEUED
+        failed.requeued_at = timezone.now()
+        failed.requeued_by = user
+        failed.save(update_fields=["status", "requeued_at", "requeued_by"])
+        logger.info("requeued event %s by %s", failed.event_id, user)
+        count += 1
+    if count:
+        transaction.on_commit(_wake_relay)
+    return count
+
+
+def outbox_purge_sent(*, older_than: timedelta | None = None, batch_size: int | None = None) -> int:
+    """Delete sent rows past retention, in small committed batches so the relay is never blocked long."""
+    older_than = older_than if older_than is not None else timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
+    batch_size = batch_size or settings.OUTBOX_PURGE_BATCH_SIZE
+    cutoff = timezone.now() - older_than
+    total = 0
+    while True:
+        ids = list(
+            OutboxEvent.objects.filter(status=OutboxEvent.Status.SENT, published_at__lt=cutoff)
+            .exclude(failures__isnull=False)
+            .values_list("id", flat=True)[:batch_size]
+        )
+        if not ids:
+            return total
+        total += OutboxEvent.objects.filter(id__in=ids).delete()[0]

@@ -1,0 +1,189 @@
+"""Settings. Everything that differs between deployments comes from the environment, here and only here."""
+
+import json
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, "1" if default else "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def env_json(name: str) -> dict:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object of librdkafka settings")
+    return value
+
+
+DEBUG = env_bool("DJANGO_DEBUG")
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY is required unless DJANGO_DEBUG=1")
+    SECRET_KEY = "insecure-dev-only-key"
+ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",") if h]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "orders",
+    "outbox",
+    "relay",
+    "inbox",
+    "stats",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "project.wsgi.application"
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", "mysql://root@127.0.0.1:3306/orders"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+DATABASES["default"].setdefault("OPTIONS", {}).update(
+    # READ COMMITTED: the relay's claim must see rows committed after its transaction began,
+    # and SKIP LOCKED claims must not take gap locks.
+    {"charset": "utf8mb4", "isolation_level": "read committed"}
+)
+DATABASES["default"]["TEST"] = {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "orders.api.exception_handler",
+}
+# An Idempotency-Key whose first request has not finished after this long is treated as abandoned
+# (its process died) and may be taken over by a retry.
+IDEMPOTENCY_KEY_STALE_AFTER = env_float("IDEMPOTENCY_KEY_STALE_AFTER", 30.0)
+
+# Celery: the relay runs as tasks; Redis is only the task queue, never a store of events.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# Kafka. KAFKA_CONFIG is passed to producer and consumer as is (SASL, TLS, compression...);
+# KAFKA_PRODUCER_CONFIG and KAFKA_CONSUMER_CONFIG to one side only. All are JSON objects.
+KAFKA_BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+KAFKA_CONFIG = env_json("KAFKA_CONFIG")
+KAFKA_PRODUCER_CONFIG = env_json("KAFKA_PRODUCER_CONFIG")
+KAFKA_CONSUMER_CONFIG = env_json("KAFKA_CONSUMER_CONFIG")
+
+# Outbox relay.
+OUTBOX_TOPIC_PREFIX = os.environ.get("OUTBOX_TOPIC_PREFIX", "outbox.event.")
+OUTBOX_DLQ_TOPIC = os.environ.get("OUTBOX_DLQ_TOPIC", "outbox.dlq")
+OUTBOX_RELAY_ENABLED = env_bool("OUTBOX_RELAY_ENABLED", True)
+OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 1000)
+OUTBOX_POLL_INTERVAL = env_float("OUTBOX_POLL_INTERVAL", 1.0)
+OUTBOX_RUN_BUDGET = env_float("OUTBOX_RUN_BUDGET", 10.0)
+OUTBOX_WAKE_EXPIRES = env_float("OUTBOX_WAKE_EXPIRES", 10.0)
+OUTBOX_PUBLISH_TIMEOUT = env_float("OUTBOX_PUBLISH_TIMEOUT", 10.0)
+OUTBOX_MAX_ATTEMPTS = env_int("OUTBOX_MAX_ATTEMPTS", 5)
+OUTBOX_BACKOFF_BASE = env_float("OUTBOX_BACKOFF_BASE", 1.0)
+OUTBOX_BACKOFF_MAX = env_float("OUTBOX_BACKOFF_MAX", 300.0)
+OUTBOX_DLQ_RETRY_INTERVAL = env_float("OUTBOX_DLQ_RETRY_INTERVAL", 3600.0)
+OUTBOX_DLQ_MAX_RETRIES = env_int("OUTBOX_DLQ_MAX_RETRIES", 5)
+OUTBOX_RETENTION_HOURS = env_float("OUTBOX_RETENTION_HOURS", 168.0)
+OUTBOX_PURGE_BATCH_SIZE = env_int("OUTBOX_PURGE_BATCH_SIZE", 1000)
+
+# Consumer side.
+INBOX_GROUP_ID = os.environ.get("INBOX_GROUP_ID", "order-stats")
+INBOX_TOPICS = [t for t in os.environ.get("INBOX_TOPICS", "outbox.event.order").split(",") if t]
+INBOX_DLQ_TOPIC = os.environ.get("INBOX_DLQ_TOPIC", "order-stats.dlq")
+INBOX_MAX_ATTEMPTS = env_int("INBOX_MAX_ATTEMPTS", 3)
+INBOX_BACKOFF_BASE = env_float("INBOX_BACKOFF_BASE", 0.5)
+INBOX_RETENTION_DAYS = env_float("INBOX_RETENTION_DAYS", 30.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+}
+
+CELERY_BEAT_SCHEDULE = {
+    # Safety net behind the on-commit wake-up; expires so ticks never queue up while workers are down.
+    "relay-outbox": {
+        "task": "relay.tasks.relay_outbox",
+        "schedule": OUTBOX_POLL_INTERVAL,
+        "options": {"expires": OUTBOX_POLL_INTERVAL},
+    },
+    "retry-undelivered-dead-letters": {
+        "task": "relay.tasks.retry_dead_letters",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
+    "purge-sent-outbox-events": {
+        "task": "outbox.tasks.purge_sent_events",
+        "schedule": 300.0,
+        "options": {"expires": 300.0},
+    },
+}

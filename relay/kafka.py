@@ -1,0 +1,161 @@
+"""The relay's only contact with Kafka: one long-lived idempotent producer per process."""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# Errors that will not go away by retrying the same message: skip the retries, dead-letter at once.
+NON_RETRIABLE_CODES = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.TOPIC_EXCEPTION,  # invalid topic name
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError._INVALID_ARG,
+        KafkaError._KEY_SERIALIZATION,
+        KafkaError._VALUE_SERIALIZATION,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the broker said about one message. `error` is None when it acknowledged it."""
+
+    error: str | None = None
+    retriable: bool = True
+    partition: int | None = None
+    offset: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+TIMED_OUT = Delivery(error="no delivery report before the publish timeout (maybe delivered)")
+
+
+def _delivery_from_error(error: KafkaError) -> Delivery:
+    retriable = error.code() not in NON_RETRIABLE_CODES and not error.fatal()
+    return Delivery(error=f"{error.name()}: {error.str()}", retriable=retriable)
+
+
+def producer_config() -> dict:
+    timeout_ms = int(settings.OUTBOX_PUBLISH_TIMEOUT * 1000)
+    return {
+        "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        "linger.ms": 5,
+        "message.timeout.ms": timeout_ms,
+        "request.timeout.ms": min(timeout_ms, 30000),
+        "socket.keepalive.enable": True,
+        **settings.KAFKA_CONFIG,
+        **settings.KAFKA_PRODUCER_CONFIG,
+        # The guarantees the product is built on: not overridable.
+        "enable.idempotence": True,
+        "acks": "all",
+    }
+
+
+class _ProducerHolder:
+    """One producer per process, built lazily so that each forked Celery child builds its own."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._producer: Producer | None = None
+        self._pid: int | None = None
+        self.fatal_error: KafkaError | None = None
+
+    def get(self) -> Producer:
+        with self._lock:
+            if self._producer is None or self._pid != os.getpid():
+                self.fatal_error = None
+                self._producer = Producer({**producer_config(), "error_cb": self._on_error})
+                self._pid = os.getpid()
+            return self._producer
+
+    def discard(self, reason: str) -> None:
+        with self._lock:
+            if self._producer is not None and self._pid == os.getpid():
+                logger.warning("discarding the Kafka producer and building a new one: %s", reason)
+                # Messages still queued may yet be written: that is a duplicate, which consumers dedupe.
+                self._producer.purge(in_queue=True, in_flight=False)
+            self._producer = None
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self.fatal_error = error
+            logger.error("fatal Kafka producer error: %s", error)
+        else:
+            logger.info("Kafka producer: %s", error)
+
+    def flush(self, timeout: float) -> None:
+        if self._producer is not None and self._pid == os.getpid():
+            self._producer.flush(timeout)
+
+
+producer = _ProducerHolder()
+
+
+def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
+    """Produce every message asynchronously and wait for all delivery reports (or the timeout).
+
+    Returns one Delivery per message, in order. A fatal producer error, or a batch in which nothing
+    was acknowledged and everything timed out, discards the producer: an idempotent producer whose
+    broker lost its state can time out forever, while a new one delivers at once.
+    """
+    if not messages:
+        return []
+    kafka = producer.get()
+    results: list[Delivery | None] = [None] * len(messages)
+
+    def report(index: int):
+        def on_delivery(error: KafkaError | None, msg) -> None:
+            if error is None:
+                results[index] = Delivery(partition=msg.partition(), offset=msg.offset())
+            else:
+                results[index] = _delivery_from_error(error)
+
+        return on_delivery
+
+    for index, message in enumerate(messages):
+        while True:
+            try:
+                kafka.produce(
+                    message.topic, key=message.key, value=message.value, headers=message.headers,
+                    on_delivery=report(index),
+                )
+                break
+            except BufferError:
+                kafka.poll(0.05)  # local queue full: serve delivery reports to make room
+            except KafkaException as exc:
+                results[index] = _delivery_from_error(exc.args[0])
+                break
+        kafka.poll(0)
+    kafka.flush(timeout)
+
+    deliveries = [result or TIMED_OUT for result in results]
+    if producer.fatal_error is not None:
+        producer.discard(f"fatal error {producer.fatal_error}")
+    elif all(d.error is not None and d.retriable for d in deliveries) and any(
+        d is TIMED_OUT or "TIMED_OUT" in (d.error or "") for d in deliveries
+    ):
+        producer.discard("no message of the batch was acknowledged before the timeout")
+    return deliveries

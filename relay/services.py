@@ -1,0 +1,330 @@
+"""Claim committed outbox rows, publish them to Kafka, and record what the broker said.
+
+One batch is one database transaction: rows are claimed with SELECT ... FOR UPDATE SKIP LOCKED,
+so concurrent relays never take the same row, and are marked only after the broker's ack.
+A relay that dies before its commit leaves its rows pending: they are published again (a duplicate),
+never lost.
+"""
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from outbox.models import FailedEvent, OutboxEvent
+
+from . import kafka
+
+logger = logging.getLogger(__name__)
+
+WAKE_KEY = "outbox:relay:wake"
+TABLE = OutboxEvent._meta.db_table
+
+
+@dataclass
+class Claimed:
+    id: int
+    event_id: str
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    payload: str  # the JSON text as stored: published byte for byte
+    occurred_at: datetime
+    attempts: int
+
+    @property
+    def topic(self) -> str:
+        return settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "id": self.event_id,
+            "eventType": self.event_type,
+            "aggregateType": self.aggregate_type,
+            "aggregateId": self.aggregate_id,
+            "occurredAt": self.occurred_at.isoformat(),
+        }
+
+    def message(self) -> kafka.Message:
+        return kafka.Message(
+            topic=self.topic,
+            key=self.aggregate_id.encode(),
+            value=self.payload.encode(),
+            headers=[(k, v.encode()) for k, v in self.headers().items()],
+        )
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+    held: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def relay_run(*, budget: float | None = None) -> BatchResult:
+    """Publish batches while full batches keep coming, within a time budget."""
+    budget = settings.OUTBOX_RUN_BUDGET if budget is None else budget
+    deadline = time.monotonic() + budget
+    total = BatchResult()
+    while True:
+        batch = relay_publish_batch()
+        for name in ("claimed", "sent", "retried", "dead", "held"):
+            setattr(total, name, getattr(total, name) + getattr(batch, name))
+        if batch.claimed < settings.OUTBOX_BATCH_SIZE or batch.sent == 0 or time.monotonic() >= deadline:
+            return total
+
+
+def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
+    batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
+    result = BatchResult()
+    with transaction.atomic():
+        now = timezone.now()
+        rows = _claim(now=now, batch_size=batch_size)
+        result.claimed = len(rows)
+        if not rows:
+            return result
+        ready, held = _split_by_aggregate_order(rows, now=now)
+        result.held = len(held)
+        deliveries = kafka.publish([row.message() for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+        acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
+        failed = [(row, d) for row, d in zip(ready, deliveries) if not d.ok]
+        _mark_sent(acked, now=timezone.now())
+        result.sent = len(acked)
+        to_retry = [(r, d) for r, d in failed if d.retriable and r.attempts + 1 < settings.OUTBOX_MAX_ATTEMPTS]
+        exhausted = [(r, d) for r, d in failed if not (d.retriable and r.attempts + 1 < settings.OUTBOX_MAX_ATTEMPTS)]
+        _schedule_retries(to_retry, now=timezone.now())
+        _dead_letter(exhausted)
+        result.retried, result.dead = len(to_retry), len(exhausted)
+        result.errors = sorted({d.error for _, d in failed})
+    if failed:
+        logger.warning(
+            "relay batch: %d sent, %d retrying, %d dead-lettered; errors: %s",
+            result.sent, result.retried, result.dead, "; ".join(result.errors),
+        )
+    return result
+
+
+def _claim(*, now: datetime, batch_size: int) -> list[Claimed]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
+            f"FROM {TABLE} WHERE status = 'pending' AND available_at <= %s "
+            f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            [now, batch_size],
+        )
+        rows = cursor.fetchall()
+    return [
+        Claimed(
+            id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
+            payload=r[5], occurred_at=_aware(r[6]), attempts=r[7],
+        )
+        for r in rows
+    ]
+
+
+def _split_by_aggregate_order(rows: list[Claimed], *, now: datetime) -> tuple[list[Claimed], list[Claimed]]:
+    """Keep per-aggregate order: a row may go only if every earlier pending row of its aggregate goes with it.
+
+    An earlier row can be in backoff, locked by another relay, or just not claimed. Rows held behind a
+    row in backoff are moved to its retry time, so claims stop picking them up until then.
+    """
+    claimed_ids = {row.id for row in rows}
+    max_id = max(claimed_ids)
+    pending: dict[tuple[str, str], list[tuple[int, datetime]]] = defaultdict(list)
+    ids_by_type: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        ids_by_type[row.aggregate_type].add(row.aggregate_id)
+    with connection.cursor() as cursor:
+        for aggregate_type, aggregate_ids in ids_by_type.items():
+            placeholders = ",".join(["%s"] * len(aggregate_ids))
+            cursor.execute(
+                f"SELECT aggregate_id, id, available_at FROM {TABLE} "
+                f"WHERE aggregate_type = %s AND aggregate_id IN ({placeholders}) AND id <= %s AND status = 'pending'",
+                [aggregate_type, *aggregate_ids, max_id],
+            )
+            for aggregate_id, row_id, available_at in cursor.fetchall():
+                pending[(aggregate_type, aggregate_id)].append((row_id, _aware(available_at)))
+
+    blocked_until: dict[int, datetime | None] = {}
+    for earlier in pending.values():
+        earlier.sort()
+        blocker_available_at = None
+        blocked = False
+        for row_id, available_at in earlier:
+            if row_id not in claimed_ids and not blocked:
+                blocked, blocker_available_at = True, available_at
+            if blocked and row_id in claimed_ids:
+                blocked_until[row_id] = blocker_available_at if blocker_available_at > now else None
+
+    ready = [row for row in rows if row.id not in blocked_until]
+    held = [row for row in rows if row.id in blocked_until]
+    by_time: dict[datetime, list[int]] = defaultdict(list)
+    for row_id, until in blocked_until.items():
+        if until is not None:
+            by_time[until].append(row_id)
+    for until, ids in by_time.items():
+        OutboxEvent.objects.filter(id__in=ids).update(available_at=until)
+    return ready, held
+
+
+def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:
+    if not acked:
+        return
+    ids = [row.id for row, _ in acked]
+    partition_cases = " ".join(f"WHEN {row.id} THEN {int(d.partition)}" for row, d in acked)
+    offset_cases = " ".join(f"WHEN {row.id} THEN {int(d.offset)}" for row, d in acked)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
+            f"kafka_partition = CASE id {partition_cases} END, kafka_offset = CASE id {offset_cases} END "
+            f"WHERE id IN ({','.join(str(i) for i in ids)})",
+            [now],
+        )
+
+
+def backoff_delay(attempts: int) -> float:
+    """Exponential backoff with equal jitter: half the delay fixed, half random."""
+    delay = min(settings.OUTBOX_BACKOFF_MAX, settings.OUTBOX_BACKOFF_BASE * 2 ** max(attempts - 1, 0))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def _schedule_retries(failed: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:
+    for row, delivery in failed:
+        attempts = row.attempts + 1
+        OutboxEvent.objects.filter(id=row.id).update(
+            attempts=attempts,
+            available_at=now + timedelta(seconds=backoff_delay(attempts)),
+            last_error=delivery.error,
+        )
+
+
+def _dead_letter(exhausted: list[tuple[Claimed, kafka.Delivery]]) -> None:
+    """Move exhausted rows out of the pending set, into the DLQ topic and the failed-events table."""
+    if not exhausted:
+        return
+    failed_at = timezone.now()
+    records = []
+    for row, delivery in exhausted:
+        OutboxEvent.objects.filter(id=row.id).update(
+            status=OutboxEvent.Status.DEAD, attempts=row.attempts + 1, last_error=delivery.error
+        )
+        records.append(
+            FailedEvent(
+                outbox_event_id=row.id, event_id=row.event_id, aggregate_type=row.aggregate_type,
+                aggregate_id=row.aggregate_id, event_type=row.event_type, topic=row.topic,
+                payload=json.loads(row.payload), headers=row.headers(), error=delivery.error,
+                attempts=row.attempts + 1, status=FailedEvent.Status.DLQ_PENDING, failed_at=failed_at,
+            )
+        )
+    FailedEvent.objects.bulk_create(records)
+    _publish_dead_letters(records)
+
+
+def dead_letter_message(failed: FailedEvent) -> kafka.Message:
+    headers = {
+        **failed.headers,
+        "dlq.error": failed.error,
+        "dlq.attempts": str(failed.attempts),
+        "dlq.originalTopic": failed.topic,
+        "dlq.failedAt": failed.failed_at.isoformat(),
+    }
+    return kafka.Message(
+        topic=settings.OUTBOX_DLQ_TOPIC,
+        key=failed.aggregate_id.encode(),
+        value=json.dumps(failed.payload, separators=(",", ":")).encode(),
+        headers=[(k, str(v).encode()) for k, v in headers.items()],
+    )
+
+
+def _publish_dead_letters(records: list[FailedEvent]) -> None:
+    deliveries = kafka.publish([dead_letter_message(r) for r in records], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+    now = timezone.now()
+    for record, delivery in zip(records, deliveries):
+        record.dlq_attempts += 1
+        if delivery.ok:
+            record.status = FailedEvent.Status.DEAD_LETTERED
+            record.dlq_error = ""
+            record.dlq_next_attempt_at = None
+        else:
+            record.dlq_error = delivery.error
+            if record.dlq_attempts > settings.OUTBOX_DLQ_MAX_RETRIES:
+                record.status = FailedEvent.Status.FAILED
+                record.dlq_next_attempt_at = None
+            else:
+                record.status = FailedEvent.Status.DLQ_PENDING
+                record.dlq_next_attempt_at = now + timedelta(seconds=settings.OUTBOX_DLQ_RETRY_INTERVAL)
+            logger.critical(
+                "event %s (%s %s:%s) is exhausted and could not be written to the DLQ topic %s: %s; "
+                "it is kept in the failed-events table (status %s)",
+                record.event_id, record.event_type, record.aggregate_type, record.aggregate_id,
+                settings.OUTBOX_DLQ_TOPIC, delivery.error, record.status,
+            )
+    FailedEvent.objects.bulk_update(records, ["status", "dlq_attempts", "dlq_error", "dlq_next_attempt_at"])
+
+
+def dead_letters_retry() -> int:
+    """The sweeper: retry DLQ publishes that failed, until OUTBOX_DLQ_MAX_RETRIES retries have failed."""
+    with transaction.atomic():
+        records = list(
+            FailedEvent.objects.select_for_update(skip_locked=True)
+            .filter(status=FailedEvent.Status.DLQ_PENDING, dlq_next_attempt_at__lte=timezone.now())
+            .order_by("id")[: settings.OUTBOX_BATCH_SIZE]
+        )
+        if records:
+            _publish_dead_letters(records)
+    return len(records)
+
+
+def relay_wake() -> None:
+    """Called after a commit that wrote events: queue one relay run unless one is already queued.
+
+    The flag is cleared by the run before it claims, so an event committed after that queues a new run;
+    its TTL and the task's expiry keep runs from piling up in Redis while no worker is up.
+    """
+    from .tasks import relay_outbox
+
+    try:
+        if _redis().set(WAKE_KEY, "1", nx=True, px=int(settings.OUTBOX_WAKE_EXPIRES * 1000)):
+            relay_outbox.apply_async(expires=settings.OUTBOX_WAKE_EXPIRES)
+    except Exception:
+        # The commit is done; beat's poll picks the event up within OUTBOX_POLL_INTERVAL.
+        logger.warning("could not wake the relay; the next poll will publish", exc_info=True)
+
+
+def relay_wake_clear() -> None:
+    try:
+        _redis().delete(WAKE_KEY)
+    except Exception:
+        logger.warning("could not clear the relay wake flag", exc_info=True)
+
+
+_redis_client = None
+
+
+def _redis() -> redis.Redis:
+    global _redis_client
+    if _redis_client is None:
+        _redis_client = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_timeout=1, socket_connect_timeout=1)
+    return _redis_client
+
+
+def _uuid_text(value) -> str:
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    if len(text) == 32:
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return text
+
+
+def _aware(value: datetime) -> datetime:
+    return timezone.make_aware(value, timezone.utc) if timezone.is_naive(value) else value

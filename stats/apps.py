@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class StatsConfig(AppConfig):
+    name = "stats"
+
+    def ready(self):
+        from . import handlers  # noqa: F401  registers the event handlers

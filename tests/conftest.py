@@ -1,0 +1,64 @@
+import pytest
+import redis
+from django.conf import settings as django_settings
+
+from relay.kafka import producer
+from tests.kafka_tools import Broker, env_bootstrap
+
+PROJECT_TOPICS = ("outbox.event.order", "outbox.dlq", "order-stats.dlq")
+
+
+class ExternalBroker:
+    """A broker the tests do not control (TEST_KAFKA_BOOTSTRAP_SERVERS): outage tests skip."""
+
+    def __init__(self, bootstrap: str):
+        self.bootstrap = bootstrap
+
+    def stop(self):
+        pytest.skip("the broker is external; this test needs to kill it")
+
+    start = stop
+
+
+@pytest.fixture(scope="session")
+def broker():
+    if env_bootstrap():
+        yield ExternalBroker(env_bootstrap())
+        return
+    broker = Broker(topics=PROJECT_TOPICS)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(autouse=True)
+def kafka_settings(broker, settings):
+    settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
+    yield
+    producer.discard("test finished")
+
+
+@pytest.fixture
+def celery_worker(broker, transactional_db):
+    """A real Celery worker (in a thread) consuming from Redis; tests using it see committed data only."""
+    from celery.contrib.testing.worker import start_worker
+
+    from project.celery import app
+
+    redis.Redis.from_url(django_settings.CELERY_BROKER_URL).flushdb()
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10, loglevel="WARNING"):
+        yield
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="pw")
+
+
+@pytest.fixture
+def api(user):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_authenticate(user)
+    return client

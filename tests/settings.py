@@ -1,0 +1,11 @@
+"""Test settings: the project's settings, with test-only defaults for what a deployment must provide."""
+
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key")
+os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+
+from project.settings import *  # noqa: E402,F403
+
+OUTBOX_PUBLISH_TIMEOUT = 5.0
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
