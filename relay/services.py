@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import redis
 from django.conf import settings
@@ -121,7 +122,7 @@ def _claim(*, now: datetime, batch_size: int) -> list[Claimed]:
             f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
             f"FROM {TABLE} WHERE status = 'pending' AND available_at <= %s "
             f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-            [now, batch_size],
+            [_db_time(now), batch_size],
         )
         rows = cursor.fetchall()
     return [
@@ -189,7 +190,7 @@ def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) ->
             f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
             f"kafka_partition = CASE id {partition_cases} END, kafka_offset = CASE id {offset_cases} END "
             f"WHERE id IN ({','.join(str(i) for i in ids)})",
-            [now],
+            [_db_time(now)],
         )
 
 
@@ -327,4 +328,9 @@ def _uuid_text(value) -> str:
 
 
 def _aware(value: datetime) -> datetime:
-    return timezone.make_aware(value, timezone.utc) if timezone.is_naive(value) else value
+    # Raw cursors return naive datetimes; the connection's time zone is UTC.
+    return value.replace(tzinfo=dt_timezone.utc) if timezone.is_naive(value) else value
+
+
+def _db_time(value: datetime):
+    return connection.ops.adapt_datetimefield_value(value)

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from outbox.models import OutboxEvent
+from tests.kafka_tools import high_watermarks, read_topic, wait_for
+
+TOPIC = "outbox.event.order"
+ORDER = {"customer_id": "c-1", "items": [{"sku": "A-1", "quantity": 2, "unit_price": "9.99"}]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_order_created_over_the_api_reaches_kafka_through_a_real_worker(celery_worker, broker, api):
+    start = high_watermarks(broker.bootstrap, TOPIC)
+
+    order = api.post("/api/orders/", ORDER, format="json").json()
+    event = OutboxEvent.objects.get()
+
+    records = read_topic(broker.bootstrap, TOPIC, start=start, until=lambda rs: len(rs) >= 1)
+    assert len(records) == 1
+    record = records[0]
+    assert record.key == str(order["id"])
+    assert json.loads(record.value) == {
+        "order_id": str(order["id"]), "customer_id": "c-1", "total": "19.98",
+        "items": [{"sku": "A-1", "quantity": 2, "unit_price": "9.99"}],
+    }
+    assert record.headers["id"] == str(event.event_id)
+    assert record.headers["eventType"] == "OrderCreated"
+    assert record.headers["aggregateType"] == "order"
+    assert record.headers["aggregateId"] == str(order["id"])
+    assert record.headers["occurredAt"] == event.occurred_at.isoformat()
+
+    sent = wait_for(lambda: OutboxEvent.objects.filter(pk=event.pk, status="sent").first(), timeout=10, message="row marked sent")
+    assert (sent.kafka_partition, sent.kafka_offset) == (record.partition, record.offset)
+    assert sent.published_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_created_then_cancelled_arrive_in_order_under_one_key(celery_worker, broker, api):
+    start = high_watermarks(broker.bootstrap, TOPIC)
+
+    order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
+    api.post(f"/api/orders/{order_id}/cancel/")
+
+    records = read_topic(broker.bootstrap, TOPIC, start=start, until=lambda rs: len(rs) >= 2)
+    assert [r.headers["eventType"] for r in records] == ["OrderCreated", "OrderCancelled"]
+    assert {r.key for r in records} == {str(order_id)}
+    wait_for(lambda: OutboxEvent.objects.filter(status="sent").count() == 2, timeout=10, message="both rows sent")
