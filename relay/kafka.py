@@ -149,7 +149,7 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
                 results[index] = _delivery_from_error(exc.args[0])
                 break
         kafka.poll(0)
-    kafka.flush(timeout)
+    kafka.flush(timeout + 1.0)  # margin: let reports for messages that timed out arrive
 
     deliveries = [result or TIMED_OUT for result in results]
     if producer.fatal_error is not None:

@@ -137,6 +137,10 @@ def _claim(*, now: datetime, batch_size: int) -> list[Claimed]:
 def _split_by_aggregate_order(rows: list[Claimed], *, now: datetime) -> tuple[list[Claimed], list[Claimed]]:
     """Keep per-aggregate order: a row may go only if every earlier pending row of its aggregate goes with it.
 
+    Rows of one aggregate in one batch share a key, hence a partition, and the idempotent producer keeps
+    their order: a later one is never acknowledged unless the earlier ones were written, except past an
+    earlier one refused for good, which is dead-lettered (then later events proceed, by design).
+
     An earlier row can be in backoff, locked by another relay, or just not claimed. Rows held behind a
     row in backoff are moved to its retry time, so claims stop picking them up until then.
     """
@@ -232,7 +236,7 @@ def _dead_letter(exhausted: list[tuple[Claimed, kafka.Delivery]]) -> None:
     _publish_dead_letters(records)
 
 
-def dead_letter_message(failed: FailedEvent) -> kafka.Message:
+def dead_letter_message(failed: FailedEvent, *, omit_value: bool = False) -> kafka.Message:
     headers = {
         **failed.headers,
         "dlq.error": failed.error,
@@ -240,16 +244,25 @@ def dead_letter_message(failed: FailedEvent) -> kafka.Message:
         "dlq.originalTopic": failed.topic,
         "dlq.failedAt": failed.failed_at.isoformat(),
     }
+    if omit_value:
+        headers["dlq.valueOmitted"] = "the payload could not be published; it is kept in the failed-events table"
     return kafka.Message(
         topic=settings.OUTBOX_DLQ_TOPIC,
         key=failed.aggregate_id.encode(),
-        value=json.dumps(failed.payload, separators=(",", ":")).encode(),
+        value=b"" if omit_value else json.dumps(failed.payload, separators=(",", ":")).encode(),
         headers=[(k, str(v).encode()) for k, v in headers.items()],
     )
 
 
 def _publish_dead_letters(records: list[FailedEvent]) -> None:
-    deliveries = kafka.publish([dead_letter_message(r) for r in records], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+    timeout = settings.OUTBOX_PUBLISH_TIMEOUT
+    deliveries = kafka.publish([dead_letter_message(r) for r in records], timeout=timeout)
+    # A payload the broker refuses for good (too large, most often) still gets its DLQ record: without the value.
+    refused = [i for i, d in enumerate(deliveries) if not d.ok and not d.retriable]
+    if refused:
+        second = kafka.publish([dead_letter_message(records[i], omit_value=True) for i in refused], timeout=timeout)
+        for i, delivery in zip(refused, second):
+            deliveries[i] = delivery
     now = timezone.now()
     for record, delivery in zip(records, deliveries):
         record.dlq_attempts += 1

@@ -14,11 +14,6 @@ class ExternalBroker:
     def __init__(self, bootstrap: str):
         self.bootstrap = bootstrap
 
-    def stop(self):
-        pytest.skip("the broker is external; this test needs to kill it")
-
-    start = stop
-
 
 @pytest.fixture(scope="session")
 def broker():
@@ -62,3 +57,21 @@ def api(user):
     client = APIClient()
     client.force_authenticate(user)
     return client
+
+
+@pytest.fixture
+def broker_outage(broker):
+    """The test broker, which the test may kill; it is running again (empty) after the test."""
+    if isinstance(broker, ExternalBroker):
+        pytest.skip("the broker is external; this test needs to kill it")
+    yield broker
+    if broker.process is None:
+        broker.start()
+
+
+@pytest.fixture
+def fast_retries(settings):
+    settings.OUTBOX_PUBLISH_TIMEOUT = 2.0
+    settings.OUTBOX_BACKOFF_BASE = 0.1
+    settings.OUTBOX_BACKOFF_MAX = 0.5
+    return settings

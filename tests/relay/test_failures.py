@@ -1,0 +1,153 @@
+"""Failure paths of the relay, each made to happen for real against the test broker."""
+
+import json
+import logging
+
+import pytest
+from django.db import transaction
+
+from outbox.models import FailedEvent, OutboxEvent
+from outbox.services import outbox_enqueue
+from relay.services import dead_letters_retry, relay_publish_batch, relay_run
+from tests.kafka_tools import high_watermarks, read_topic, wait_for
+
+TOPIC, DLQ = "outbox.event.order", "outbox.dlq"
+ORDER = {"customer_id": "c-1", "items": [{"sku": "A-1", "quantity": 1, "unit_price": "5.00"}]}
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_retries")]
+
+
+def relay_until(condition, *, timeout: float, message: str):
+    """Run the relay repeatedly, as beat would, until condition() holds."""
+
+    def step():
+        relay_run(budget=1)
+        return condition()
+
+    return wait_for(step, timeout=timeout, interval=0.1, message=message)
+
+
+def test_broker_down_keeps_rows_pending_with_backoff_then_delivers_all(api, broker_outage):
+    broker_outage.stop()
+    order_ids = [api.post("/api/orders/", ORDER, format="json").json()["id"] for _ in range(3)]
+
+    first = relay_publish_batch()
+    assert (first.claimed, first.sent, first.retried, first.dead) == (3, 0, 3, 0)
+    rows = list(OutboxEvent.objects.all())
+    assert all(r.status == "pending" and r.attempts == 1 and r.last_error for r in rows)
+    before = {r.pk: r.available_at for r in rows}
+    assert all(r.available_at > r.occurred_at for r in rows)
+
+    wait_for(lambda: relay_publish_batch().retried == 3, timeout=10, message="a second failed attempt")
+    rows = list(OutboxEvent.objects.all())
+    assert all(r.status == "pending" and r.attempts == 2 and r.available_at > before[r.pk] for r in rows)
+    assert not OutboxEvent.objects.filter(status="sent").exists()
+
+    broker_outage.start()
+    relay_until(lambda: OutboxEvent.objects.filter(status="sent").count() == 3, timeout=30, message="all sent")
+
+    records = read_topic(broker_outage.bootstrap, TOPIC, until=lambda rs: len(rs) >= 3)
+    assert sorted(r.headers["id"] for r in records) == sorted(str(r.event_id) for r in OutboxEvent.objects.all())
+    assert sorted(int(r.key) for r in records) == sorted(order_ids)
+    assert not FailedEvent.objects.exists()
+
+
+def test_payload_too_large_is_dead_lettered_at_once_and_others_flow(api, broker):
+    start, dlq_start = high_watermarks(broker.bootstrap, TOPIC), high_watermarks(broker.bootstrap, DLQ)
+    with transaction.atomic():
+        big = outbox_enqueue(aggregate_type="order", aggregate_id="big-1", event_type="OrderCreated",
+                             payload={"blob": "x" * 2_000_000})
+    order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
+
+    relay_until(lambda: not OutboxEvent.objects.filter(status="pending").exists(), timeout=20, message="drained")
+
+    big.refresh_from_db()
+    assert big.status == "dead" and big.attempts == 1
+    failed = FailedEvent.objects.get()
+    assert failed.event_id == big.event_id and failed.attempts == 1
+    assert "MSG_SIZE_TOO_LARGE" in failed.error
+    assert failed.status == FailedEvent.Status.DEAD_LETTERED
+    assert failed.payload == {"blob": "x" * 2_000_000}
+
+    (dead_letter,) = read_topic(broker.bootstrap, DLQ, start=dlq_start, until=lambda rs: len(rs) >= 1)
+    assert dead_letter.key == "big-1"
+    assert dead_letter.headers["id"] == str(big.event_id)
+    assert dead_letter.headers["eventType"] == "OrderCreated"
+    assert "MSG_SIZE_TOO_LARGE" in dead_letter.headers["dlq.error"]
+    assert dead_letter.headers["dlq.attempts"] == "1"
+    assert dead_letter.headers["dlq.originalTopic"] == TOPIC
+    assert dead_letter.headers["dlq.failedAt"]
+    assert "dlq.valueOmitted" in dead_letter.headers  # too large for the DLQ too; the payload is in the table
+
+    (record,) = read_topic(broker.bootstrap, TOPIC, start=start, until=lambda rs: len(rs) >= 1)
+    assert record.key == str(order_id)
+
+
+def test_invalid_topic_is_dead_lettered_at_once_with_its_value(api, broker, settings):
+    settings.OUTBOX_TOPIC_PREFIX = "bad topic name "  # the broker refuses it; the DLQ topic is fine
+    dlq_start = high_watermarks(broker.bootstrap, DLQ)
+    order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
+
+    relay_until(lambda: FailedEvent.objects.exists(), timeout=30, message="dead-lettered")
+
+    failed = FailedEvent.objects.get()
+    assert failed.status == FailedEvent.Status.DEAD_LETTERED and failed.attempts == 1
+    (dead_letter,) = read_topic(broker.bootstrap, DLQ, start=dlq_start, until=lambda rs: len(rs) >= 1)
+    assert dead_letter.key == str(order_id)
+    assert json.loads(dead_letter.value)["order_id"] == str(order_id)
+    assert dead_letter.headers["dlq.originalTopic"] == "bad topic name order"
+
+
+def test_dlq_unreachable_records_failure_logs_critical_and_sweeper_delivers_later(api, broker_outage, settings, caplog):
+    settings.OUTBOX_MAX_ATTEMPTS = 1
+    settings.OUTBOX_DLQ_RETRY_INTERVAL = 0
+    broker_outage.stop()
+    api.post("/api/orders/", ORDER, format="json")
+    event = OutboxEvent.objects.get()
+
+    with caplog.at_level(logging.CRITICAL, logger="relay.services"):
+        result = relay_publish_batch()
+    assert result.dead == 1
+    failed = FailedEvent.objects.get()
+    assert failed.status == FailedEvent.Status.DLQ_PENDING and failed.dlq_attempts == 1
+    assert failed.dlq_error
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert critical and str(event.event_id) in critical[0].getMessage()
+    event.refresh_from_db()
+    assert event.status == "dead"
+
+    broker_outage.start()
+    dlq_start = high_watermarks(broker_outage.bootstrap, DLQ)
+    wait_for(lambda: dead_letters_retry() and FailedEvent.objects.get().status == FailedEvent.Status.DEAD_LETTERED,
+             timeout=30, interval=0.2, message="sweeper published the dead letter")
+    (dead_letter,) = read_topic(broker_outage.bootstrap, DLQ, start=dlq_start, until=lambda rs: len(rs) >= 1)
+    assert dead_letter.headers["id"] == str(event.event_id)
+
+
+def test_sweeper_gives_up_after_its_retries_and_marks_failed(api, broker_outage, settings):
+    settings.OUTBOX_MAX_ATTEMPTS = 1
+    settings.OUTBOX_DLQ_RETRY_INTERVAL = 0
+    settings.OUTBOX_DLQ_MAX_RETRIES = 2
+    broker_outage.stop()
+    api.post("/api/orders/", ORDER, format="json")
+    relay_publish_batch()
+
+    assert dead_letters_retry() == 1
+    assert FailedEvent.objects.get().status == FailedEvent.Status.DLQ_PENDING
+    assert dead_letters_retry() == 1
+    failed = FailedEvent.objects.get()
+    assert failed.status == FailedEvent.Status.FAILED and failed.dlq_attempts == 3
+    assert dead_letters_retry() == 0  # no longer swept; an operator requeues it
+
+
+def test_producer_is_rebuilt_after_broker_restart(api, broker_outage):
+    api.post("/api/orders/", ORDER, format="json")
+    relay_until(lambda: OutboxEvent.objects.filter(status="sent").count() == 1, timeout=15, message="first sent")
+
+    broker_outage.stop()
+    broker_outage.start()  # a new, empty broker: the old producer's idempotence state means nothing to it
+    api.post("/api/orders/", ORDER, format="json")
+    relay_until(lambda: OutboxEvent.objects.filter(status="sent").count() == 2, timeout=30, message="sent after restart")
+
+    records = read_topic(broker_outage.bootstrap, TOPIC, until=lambda rs: len(rs) >= 1)
+    assert [r.headers["id"] for r in records] == [str(OutboxEvent.objects.latest("id").event_id)]
