@@ -9,3 +9,5 @@ from project.settings import *  # noqa: E402,F403
 
 OUTBOX_PUBLISH_TIMEOUT = 5.0
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testhandlers"]  # noqa: F405

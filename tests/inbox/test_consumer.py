@@ -1,0 +1,209 @@
+"""The idempotent consumer against the real broker and database."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from decimal import Decimal
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from django.conf import settings
+from django.db.models import Sum
+
+from inbox.consumer import EventConsumer
+from inbox.models import ConsumerDeadLetter, ProcessedEvent
+from orders.models import Order
+from relay.services import relay_run
+from stats.models import CustomerStats
+from tests.kafka_tools import read_topic, wait_for
+from tests.testhandlers import handlers as test_handlers
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def topic(broker):
+    name = f"test-events-{uuid.uuid4().hex[:8]}"
+    broker.create_topics(name, partitions=1)
+    return name
+
+
+@pytest.fixture
+def dlq(broker):
+    name = f"test-dlq-{uuid.uuid4().hex[:8]}"
+    broker.create_topics(name, partitions=1)
+    return name
+
+
+def produce(bootstrap, topic, *, value, headers, key="1"):
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    body = value if isinstance(value, bytes) else json.dumps(value).encode()
+    producer.produce(topic, key=key, value=body, headers=[(k, v.encode()) for k, v in headers.items()])
+    assert producer.flush(10) == 0
+
+
+def event_headers(event_type="OrderCreated", event_id=None):
+    return {"id": event_id or str(uuid.uuid4()), "eventType": event_type, "aggregateType": "order",
+            "aggregateId": "1", "occurredAt": "2026-01-01T00:00:00+00:00"}
+
+
+def created(customer="c-1", total="10.00", **extra):
+    return {"order_id": "1", "customer_id": customer, "total": total, "items": [], **extra}
+
+
+def consume(topic, dlq, *, expect: int, max_attempts=3) -> EventConsumer:
+    consumer = EventConsumer(group_id=f"test-{uuid.uuid4().hex[:8]}", topics=[topic], dlq_topic=dlq,
+                             max_attempts=max_attempts, backoff_base=0.01)
+    consumer.run(max_messages=expect, idle_timeout=30)
+    return consumer
+
+
+def stats(customer="c-1"):
+    return CustomerStats.objects.get(customer_id=customer)
+
+
+def test_same_event_delivered_twice_is_applied_once(broker, topic, dlq):
+    headers = event_headers()
+    produce(broker.bootstrap, topic, value=created(), headers=headers)
+    produce(broker.bootstrap, topic, value=created(), headers=headers)
+
+    consumer = consume(topic, dlq, expect=2)
+
+    assert consumer.stats == {"applied": 1, "duplicates": 1, "dead_lettered": 0}
+    assert (stats().orders_created, stats().total_spent) == (1, Decimal("10.00"))
+    assert ProcessedEvent.objects.filter(event_id=headers["id"]).count() == 1
+
+
+@pytest.mark.parametrize(
+    "value, headers, error",
+    [
+        (b"{not json", event_headers(), "not JSON"),
+        (created(), {k: v for k, v in event_headers().items() if k != "id"}, "missing 'id'"),
+        (created(), event_headers(event_type="OrderTeleported"), "no handler"),
+        (b"[1, 2]", event_headers(), "not a JSON object"),
+    ],
+    ids=["bad-json", "missing-id", "unknown-type", "not-an-object"],
+)
+def test_poison_message_between_two_good_ones_goes_to_the_dlq_and_the_partition_moves_on(broker, topic, dlq, value, headers, error):
+    produce(broker.bootstrap, topic, value=created(total="1.00"), headers=event_headers())
+    produce(broker.bootstrap, topic, value=value, headers=headers)
+    produce(broker.bootstrap, topic, value=created(total="2.00"), headers=event_headers())
+
+    consumer = consume(topic, dlq, expect=3)
+
+    assert consumer.stats == {"applied": 2, "duplicates": 0, "dead_lettered": 1}
+    assert (stats().orders_created, stats().total_spent) == (2, Decimal("3.00"))
+    dead = ConsumerDeadLetter.objects.get()
+    assert error in dead.error and dead.offset == 1 and dead.dlq_published
+    (record,) = read_topic(broker.bootstrap, dlq, until=lambda rs: len(rs) >= 1)
+    assert record.value == (value if isinstance(value, bytes) else json.dumps(value).encode())
+    assert error in record.headers["dlq.error"]
+    assert record.headers["dlq.originalTopic"] == topic and record.headers["dlq.originalOffset"] == "1"
+
+
+def test_transient_handler_failure_succeeds_on_retry(broker, topic, dlq):
+    test_handlers.calls.clear()
+    test_handlers.fail_times["TestFlaky"] = 2
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers("TestFlaky"))
+
+    consumer = consume(topic, dlq, expect=1, max_attempts=3)
+
+    assert test_handlers.calls["TestFlaky"] == 3
+    assert consumer.stats["applied"] == 1
+    assert stats().orders_created == 1  # failed attempts rolled back, the third applied once
+    assert not ConsumerDeadLetter.objects.exists()
+
+
+def test_handler_that_always_fails_is_dead_lettered_after_the_configured_attempts(broker, topic, dlq):
+    test_handlers.calls.clear()
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers("TestBroken"))
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers())
+
+    consumer = consume(topic, dlq, expect=2, max_attempts=4)
+
+    assert test_handlers.calls["TestBroken"] == 4
+    assert consumer.stats == {"applied": 1, "duplicates": 0, "dead_lettered": 1}
+    dead = ConsumerDeadLetter.objects.get()
+    assert dead.attempts == 4 and "always fails" in dead.error
+    assert not ProcessedEvent.objects.filter(event_type="TestBroken").exists()
+    (record,) = read_topic(broker.bootstrap, dlq, until=lambda rs: len(rs) >= 1)
+    assert record.headers["dlq.attempts"] == "4"
+
+
+def consumer_process(broker, topic, dlq, group, *args):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}",
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "KAFKA_CONSUMER_CONFIG": json.dumps({"session.timeout.ms": 6000}),
+        "INBOX_GROUP_ID": group, "INBOX_TOPICS": topic, "INBOX_DLQ_TOPIC": dlq,
+    }
+    return subprocess.Popen([sys.executable, "manage.py", "consume_events", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_consumer_killed_after_db_commit_before_offset_commit_skips_the_redelivery(broker, topic, dlq, tmp_path):
+    marker = tmp_path / "crash-once"
+    marker.touch()
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    event = event_headers("TestCrashAfterCommit")
+    produce(broker.bootstrap, topic, value=created(crash_marker=str(marker)), headers=event)
+
+    first = consumer_process(broker, topic, dlq, group)
+    assert first.wait(60) == -signal.SIGKILL  # killed itself right after the database commit
+    assert not marker.exists()
+    assert ProcessedEvent.objects.filter(event_id=event["id"]).count() == 1
+    assert stats().orders_created == 1
+
+    second = consumer_process(broker, topic, dlq, group, "--max-messages", "1")
+    output, _ = second.communicate(timeout=90)
+    assert second.returncode == 0, output
+    assert "'duplicates': 1" in output and "'applied': 0" in output  # redelivered, and skipped
+    assert stats().orders_created == 1
+
+
+def test_sigterm_finishes_commits_and_exits_zero(broker, topic, dlq):
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers())
+    process = consumer_process(broker, topic, dlq, group)
+    wait_for(lambda: ProcessedEvent.objects.exists(), timeout=60, interval=0.2, message="event applied")
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+
+    assert process.returncode == 0, output
+    probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group})
+    try:
+        (committed,) = probe.committed([TopicPartition(topic, 0)], timeout=10)
+    finally:
+        probe.close()
+    assert committed.offset == 1
+
+
+def test_projection_built_from_events_equals_the_truth_from_the_orders_table(api, broker, dlq, settings):
+    settings.OUTBOX_TOPIC_PREFIX = f"test-{uuid.uuid4().hex[:8]}."
+    topic = settings.OUTBOX_TOPIC_PREFIX + "order"
+    broker.create_topics(topic)
+    ids = []
+    for i in range(12):
+        body = {"customer_id": f"c-{i % 3}", "items": [{"sku": "A", "quantity": i + 1, "unit_price": "1.25"}]}
+        ids.append(api.post("/api/orders/", body, format="json").json()["id"])
+    for order_id in ids[::4]:
+        assert api.post(f"/api/orders/{order_id}/cancel/").status_code == 200
+    relay_run()
+
+    consume(topic, dlq, expect=len(ids) + len(ids[::4]))
+
+    for customer in ["c-0", "c-1", "c-2"]:
+        orders = Order.objects.filter(customer_id=customer)
+        truth = {
+            "orders_created": orders.count(),
+            "orders_cancelled": orders.filter(status="cancelled").count(),
+            "total_spent": str(orders.filter(status="created").aggregate(s=Sum("total"))["s"] or Decimal("0.00")),
+        }
+        projected = api.get(f"/api/customers/{customer}/stats/").json()
+        assert projected == {"customer_id": customer, **truth}

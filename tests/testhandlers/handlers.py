@@ -1,0 +1,37 @@
+import os
+import signal
+from pathlib import Path
+
+from django.db import transaction
+
+from inbox.registry import handles
+from stats.handlers import order_created
+
+# Per-process counters the in-process tests read.
+calls: dict[str, int] = {}
+fail_times: dict[str, int] = {}
+
+
+@handles("TestFlaky")
+def flaky(payload: dict, headers: dict) -> None:
+    calls["TestFlaky"] = calls.get("TestFlaky", 0) + 1
+    if calls["TestFlaky"] <= fail_times.get("TestFlaky", 0):
+        raise RuntimeError(f"transient failure {calls['TestFlaky']}")
+    order_created(payload, headers)
+
+
+@handles("TestBroken")
+def broken(payload: dict, headers: dict) -> None:
+    calls["TestBroken"] = calls.get("TestBroken", 0) + 1
+    raise ValueError("this handler always fails")
+
+
+@handles("TestCrashAfterCommit")
+def crash_after_commit(payload: dict, headers: dict) -> None:
+    """Applies an OrderCreated, then (once, while the marker file exists) SIGKILLs its own process right
+    after the database commit: before the consumer can commit the Kafka offset."""
+    order_created(payload, headers)
+    marker = Path(payload["crash_marker"])
+    if marker.exists():
+        marker.unlink()
+        transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
