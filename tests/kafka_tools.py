@@ -96,9 +96,12 @@ def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = None, until=None, timeout: float = 15.0) -> list[Record]:
+def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = None, until=None, keys=None,
+               timeout: float = 15.0) -> list[Record]:
     """Read a topic by partition assignment (no group join), from `start` offsets or the beginning,
-    until `until(records)` is true (or the topic is drained once when until is None), within timeout."""
+    until `until(records)` is true (or the topic is drained once when until is None), within timeout.
+    With `keys`, only records with one of those keys are kept: tests share topics, and a producer
+    discarded by an earlier test may still deliver late (Kafka's "maybe delivered")."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4()}",
                          "enable.auto.commit": False, "enable.partition.eof": True})
     try:
@@ -121,9 +124,12 @@ def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = Non
                     at_eof.add(message.partition())
                 continue
             at_eof.discard(message.partition())
+            key = message.key().decode() if message.key() is not None else None
+            if keys is not None and key not in keys:
+                continue
             records.append(Record(
                 topic=message.topic(), partition=message.partition(), offset=message.offset(),
-                key=message.key().decode() if message.key() is not None else None, value=message.value(),
+                key=key, value=message.value(),
                 headers={k: v.decode() for k, v in (message.headers() or [])},
             ))
         if until is not None:

@@ -16,7 +16,7 @@ def test_order_created_over_the_api_reaches_kafka_through_a_real_worker(celery_w
     order = api.post("/api/orders/", ORDER, format="json").json()
     event = OutboxEvent.objects.get()
 
-    records = read_topic(broker.bootstrap, TOPIC, start=start, until=lambda rs: len(rs) >= 1)
+    records = read_topic(broker.bootstrap, TOPIC, start=start, keys={str(order["id"])}, until=lambda rs: len(rs) >= 1)
     assert len(records) == 1
     record = records[0]
     assert record.key == str(order["id"])
@@ -42,7 +42,6 @@ def test_created_then_cancelled_arrive_in_order_under_one_key(celery_worker, bro
     order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
     api.post(f"/api/orders/{order_id}/cancel/")
 
-    records = read_topic(broker.bootstrap, TOPIC, start=start, until=lambda rs: len(rs) >= 2)
+    records = read_topic(broker.bootstrap, TOPIC, start=start, keys={str(order_id)}, until=lambda rs: len(rs) >= 2)
     assert [r.headers["eventType"] for r in records] == ["OrderCreated", "OrderCancelled"]
-    assert {r.key for r in records} == {str(order_id)}
     wait_for(lambda: OutboxEvent.objects.filter(status="sent").count() == 2, timeout=10, message="both rows sent")
