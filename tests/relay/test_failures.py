@@ -38,9 +38,10 @@ def test_broker_down_keeps_rows_pending_with_backoff_then_delivers_all(api, brok
     before = {r.pk: r.available_at for r in rows}
     assert all(r.available_at > r.occurred_at for r in rows)
 
-    wait_for(lambda: relay_publish_batch().retried == 3, timeout=10, message="a second failed attempt")
+    wait_for(lambda: relay_publish_batch() and not OutboxEvent.objects.filter(attempts__lt=2).exists(),
+             timeout=20, message="a second failed attempt of every row")
     rows = list(OutboxEvent.objects.all())
-    assert all(r.status == "pending" and r.attempts == 2 and r.available_at > before[r.pk] for r in rows)
+    assert all(r.status == "pending" and r.attempts >= 2 and r.available_at > before[r.pk] for r in rows)
     assert not OutboxEvent.objects.filter(status="sent").exists()
 
     broker_outage.start()
