@@ -3,8 +3,11 @@
 import json
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from .models import ConsumerDeadLetter, ProcessedEvent
 from .registry import handler_for
@@ -86,3 +89,17 @@ def dead_letter_record(*, group_id: str, raw: RawMessage, error: str, attempts: 
         },
     )
     return record
+
+
+def processed_events_purge(*, older_than: timedelta | None = None, batch_size: int = 1000) -> int:
+    """Forget processed-event ids older than INBOX_RETENTION_DAYS, in small committed batches.
+
+    Keep the window longer than any redelivery can take (topic retention, consumer lag, DLQ replays):
+    an id forgotten too early lets a late duplicate apply twice.
+    """
+    older_than = older_than if older_than is not None else timedelta(days=settings.INBOX_RETENTION_DAYS)
+    cutoff = timezone.now() - older_than
+    total = 0
+    while ids := list(ProcessedEvent.objects.filter(processed_at__lt=cutoff).values_list("id", flat=True)[:batch_size]):
+        total += ProcessedEvent.objects.filter(id__in=ids).delete()[0]
+    return total

@@ -68,13 +68,10 @@ def outbox_purge_sent(*, older_than: timedelta | None = None, batch_size: int | 
     older_than = older_than if older_than is not None else timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
     batch_size = batch_size or settings.OUTBOX_PURGE_BATCH_SIZE
     cutoff = timezone.now() - older_than
+    old_sent = OutboxEvent.objects.filter(status=OutboxEvent.Status.SENT, published_at__lt=cutoff).exclude(
+        failures__isnull=False  # requeued events keep their history
+    )
     total = 0
-    while True:
-        ids = list(
-            OutboxEvent.objects.filter(status=OutboxEvent.Status.SENT, published_at__lt=cutoff)
-            .exclude(failures__isnull=False)
-            .values_list("id", flat=True)[:batch_size]
-        )
-        if not ids:
-            return total
+    while ids := list(old_sent.values_list("id", flat=True)[:batch_size]):
         total += OutboxEvent.objects.filter(id__in=ids).delete()[0]
+    return total

@@ -181,6 +181,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 60.0,
         "options": {"expires": 60.0},
     },
+    "purge-processed-events": {
+        "task": "inbox.tasks.purge_processed_events",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
     "purge-sent-outbox-events": {
         "task": "outbox.tasks.purge_sent_events",
         "schedule": 300.0,

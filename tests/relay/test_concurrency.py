@@ -1,0 +1,55 @@
+"""Several relay processes at once over thousands of events: each published once, per-order order kept."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter, defaultdict
+
+import pytest
+from django.conf import settings
+
+from outbox.models import OutboxEvent
+from tests.kafka_tools import read_topic
+
+ORDERS, EVENTS_PER_ORDER, RELAYS = 400, 5, 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_relays_publish_every_event_exactly_once_in_per_order_order(broker):
+    prefix = f"test-{uuid.uuid4().hex[:8]}."
+    topic = prefix + "order"
+    broker.create_topics(topic)
+    # Interleaved like real traffic: event n of every order, then event n+1 of every order...
+    OutboxEvent.objects.bulk_create(
+        OutboxEvent(aggregate_type="order", aggregate_id=str(order), event_type=f"Step{step}",
+                    payload={"order": order, "step": step})
+        for step in range(EVENTS_PER_ORDER) for order in range(ORDERS)
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}",
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "OUTBOX_TOPIC_PREFIX": prefix,
+        "OUTBOX_BATCH_SIZE": "100",  # many small batches: many chances to collide
+    }
+    relays = [subprocess.Popen([sys.executable, "manage.py", "relay_outbox", "--until-empty"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(RELAYS)]
+    outputs = [relay.communicate(timeout=180)[0] for relay in relays]
+    assert all(relay.returncode == 0 for relay in relays), outputs
+    published_counts = [int(out.split("published ")[1].split()[0]) for out in outputs]
+    assert sum(published_counts) == ORDERS * EVENTS_PER_ORDER
+    assert sum(1 for n in published_counts if n > 0) >= 2, published_counts  # they really ran side by side
+
+    total = ORDERS * EVENTS_PER_ORDER
+    records = read_topic(broker.bootstrap, topic, until=lambda rs: len(rs) >= total, timeout=60)
+    by_id = Counter(r.headers["id"] for r in records)
+    assert len(by_id) == total and set(by_id.values()) == {1}
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {"sent"}
+
+    steps = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        steps[record.key].append(json.loads(record.value)["step"])
+    assert all(seq == list(range(EVENTS_PER_ORDER)) for seq in steps.values())
