@@ -1,6 +1,7 @@
 """Apply each event once per consumer group: the dedupe record and the handler's writes commit together."""
 
 import json
+import uuid
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,6 +46,11 @@ def inbound_event_parse(raw: RawMessage) -> InboundEvent:
     event_id, event_type = headers.get("id", "").strip(), headers.get("eventType", "").strip()
     if not event_id:
         raise PoisonMessage("missing 'id' header")
+    try:
+        # One spelling per UUID: the relay sends it with dashes, a CDC connector on MySQL without.
+        event_id = str(uuid.UUID(event_id))
+    except ValueError:
+        pass  # not a UUID: dedupe on the id as sent
     if len(event_id) > 64:
         raise PoisonMessage("'id' header longer than 64 characters")
     if not event_type:

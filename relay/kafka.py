@@ -3,6 +3,8 @@
 import logging
 import os
 import threading
+from functools import partial
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -62,6 +64,9 @@ def producer_config() -> dict:
     timeout_ms = int(settings.OUTBOX_PUBLISH_TIMEOUT * 1000)
     return {
         "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        # The Java clients' key hash: a key lands on the same partition whoever produces it
+        # (a CDC connector, another service), so per-order order survives a switch of producer.
+        "partitioner": "murmur2_random",
         "linger.ms": 5,
         "message.timeout.ms": timeout_ms,
         "request.timeout.ms": min(timeout_ms, 30000),
@@ -126,21 +131,17 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
     kafka = producer.get()
     results: list[Delivery | None] = [None] * len(messages)
 
-    def report(index: int):
-        def on_delivery(error: KafkaError | None, msg) -> None:
-            if error is None:
-                results[index] = Delivery(partition=msg.partition(), offset=msg.offset())
-            else:
-                results[index] = _delivery_from_error(error)
-
-        return on_delivery
+    def on_delivery(index: int, error: KafkaError | None, msg) -> None:
+        results[index] = _delivery_from_error(error) if error is not None else Delivery(
+            partition=msg.partition(), offset=msg.offset()
+        )
 
     for index, message in enumerate(messages):
         while True:
             try:
                 kafka.produce(
                     message.topic, key=message.key, value=message.value, headers=message.headers,
-                    on_delivery=report(index),
+                    on_delivery=partial(on_delivery, index),
                 )
                 break
             except BufferError:
@@ -148,8 +149,11 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
             except KafkaException as exc:
                 results[index] = _delivery_from_error(exc.args[0])
                 break
-        kafka.poll(0)
-    kafka.flush(timeout + 1.0)  # margin: let reports for messages that timed out arrive
+    # Wait for this batch's reports only (not flush(): other relay lanes share the producer).
+    # The margin lets reports for messages that timed out arrive.
+    deadline = time.monotonic() + timeout + 1.0
+    while None in results and time.monotonic() < deadline:
+        kafka.poll(0.005)
 
     deliveries = [result or TIMED_OUT for result in results]
     if producer.fatal_error is not None:

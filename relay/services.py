@@ -11,9 +11,9 @@ import logging
 import random
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from datetime import timezone as dt_timezone
 
 import redis
 from django.conf import settings
@@ -38,7 +38,7 @@ class Claimed:
     aggregate_id: str
     event_type: str
     payload: str  # the JSON text as stored: published byte for byte
-    occurred_at: datetime
+    occurred_at: datetime  # naive UTC, as the raw cursor returns it
     attempts: int
 
     @property
@@ -51,15 +51,21 @@ class Claimed:
             "eventType": self.event_type,
             "aggregateType": self.aggregate_type,
             "aggregateId": self.aggregate_id,
-            "occurredAt": self.occurred_at.isoformat(),
+            "occurredAt": self.occurred_at.isoformat() + "+00:00",
         }
 
-    def message(self) -> kafka.Message:
+    def message(self, topic: str) -> kafka.Message:
         return kafka.Message(
-            topic=self.topic,
+            topic=topic,
             key=self.aggregate_id.encode(),
             value=self.payload.encode(),
-            headers=[(k, v.encode()) for k, v in self.headers().items()],
+            headers=[
+                ("id", self.event_id.encode()),
+                ("eventType", self.event_type.encode()),
+                ("aggregateType", self.aggregate_type.encode()),
+                ("aggregateId", self.aggregate_id.encode()),
+                ("occurredAt", (self.occurred_at.isoformat() + "+00:00").encode()),
+            ],
         )
 
 
@@ -74,16 +80,52 @@ class BatchResult:
 
 
 def relay_run(*, budget: float | None = None) -> BatchResult:
-    """Publish batches while full batches keep coming, within a time budget."""
+    """Publish batches while full batches keep coming, within a time budget.
+
+    With a backlog (the first batch was full), OUTBOX_RELAY_LANES lanes drain side by side, each with its
+    own database connection and transaction, sharing the process's producer: one lane's database work
+    overlaps another's wait for broker acks.
+    """
     budget = settings.OUTBOX_RUN_BUDGET if budget is None else budget
     deadline = time.monotonic() + budget
+    first = relay_publish_batch()
+    if not _keep_going(first, deadline):
+        return first
+    lanes = max(1, settings.OUTBOX_RELAY_LANES)
+    if lanes == 1:
+        return _add(first, _drain(deadline))
+    with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="relay-lane") as pool:
+        results = list(pool.map(lambda _: _drain_lane(deadline), range(lanes)))
+    for result in results:
+        first = _add(first, result)
+    return first
+
+
+def _keep_going(batch: BatchResult, deadline: float) -> bool:
+    return batch.claimed >= settings.OUTBOX_BATCH_SIZE and batch.sent > 0 and time.monotonic() < deadline
+
+
+def _drain(deadline: float) -> BatchResult:
     total = BatchResult()
     while True:
         batch = relay_publish_batch()
-        for name in ("claimed", "sent", "retried", "dead", "held"):
-            setattr(total, name, getattr(total, name) + getattr(batch, name))
-        if batch.claimed < settings.OUTBOX_BATCH_SIZE or batch.sent == 0 or time.monotonic() >= deadline:
+        total = _add(total, batch)
+        if not _keep_going(batch, deadline):
             return total
+
+
+def _drain_lane(deadline: float) -> BatchResult:
+    try:
+        return _drain(deadline)
+    finally:
+        connection.close()  # the lane's thread-local connection
+
+
+def _add(a: BatchResult, b: BatchResult) -> BatchResult:
+    return BatchResult(
+        claimed=a.claimed + b.claimed, sent=a.sent + b.sent, retried=a.retried + b.retried,
+        dead=a.dead + b.dead, held=a.held + b.held, errors=sorted(set(a.errors) | set(b.errors)),
+    )
 
 
 def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
@@ -97,7 +139,10 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
             return result
         ready, held = _split_by_aggregate_order(rows, now=now)
         result.held = len(held)
-        deliveries = kafka.publish([row.message() for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+        prefix = settings.OUTBOX_TOPIC_PREFIX
+        deliveries = kafka.publish(
+            [row.message(prefix + row.aggregate_type) for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT
+        )
         acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
         failed = [(row, d) for row, d in zip(ready, deliveries) if not d.ok]
         _mark_sent(acked, now=timezone.now())
@@ -128,7 +173,7 @@ def _claim(*, now: datetime, batch_size: int) -> list[Claimed]:
     return [
         Claimed(
             id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
-            payload=r[5], occurred_at=_aware(r[6]), attempts=r[7],
+            payload=r[5], occurred_at=r[6], attempts=r[7],
         )
         for r in rows
     ]
@@ -146,31 +191,34 @@ def _split_by_aggregate_order(rows: list[Claimed], *, now: datetime) -> tuple[li
     """
     claimed_ids = {row.id for row in rows}
     max_id = max(claimed_ids)
-    pending: dict[tuple[str, str], list[tuple[int, datetime]]] = defaultdict(list)
     ids_by_type: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         ids_by_type[row.aggregate_type].add(row.aggregate_id)
+    # Earliest pending row of each claimed aggregate that this batch did not claim (usually none).
+    first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
+    claimed_list = ",".join(str(i) for i in claimed_ids)
     with connection.cursor() as cursor:
         for aggregate_type, aggregate_ids in ids_by_type.items():
             placeholders = ",".join(["%s"] * len(aggregate_ids))
             cursor.execute(
-                f"SELECT aggregate_id, id, available_at FROM {TABLE} "
-                f"WHERE aggregate_type = %s AND aggregate_id IN ({placeholders}) AND id <= %s AND status = 'pending'",
+                f"SELECT aggregate_id, MIN(id) FROM {TABLE} "
+                f"WHERE aggregate_type = %s AND aggregate_id IN ({placeholders}) AND id < %s "
+                f"AND status = 'pending' AND id NOT IN ({claimed_list}) GROUP BY aggregate_id",
                 [aggregate_type, *aggregate_ids, max_id],
             )
-            for aggregate_id, row_id, available_at in cursor.fetchall():
-                pending[(aggregate_type, aggregate_id)].append((row_id, _aware(available_at)))
+            blockers = cursor.fetchall()
+            if blockers:
+                available = dict(
+                    OutboxEvent.objects.filter(id__in=[b[1] for b in blockers]).values_list("id", "available_at")
+                )
+                for aggregate_id, blocker_id in blockers:
+                    first_blocker[(aggregate_type, aggregate_id)] = (blocker_id, available[blocker_id])
 
     blocked_until: dict[int, datetime | None] = {}
-    for earlier in pending.values():
-        earlier.sort()
-        blocker_available_at = None
-        blocked = False
-        for row_id, available_at in earlier:
-            if row_id not in claimed_ids and not blocked:
-                blocked, blocker_available_at = True, available_at
-            if blocked and row_id in claimed_ids:
-                blocked_until[row_id] = blocker_available_at if blocker_available_at > now else None
+    for row in rows:
+        blocker = first_blocker.get((row.aggregate_type, row.aggregate_id))
+        if blocker is not None and blocker[0] < row.id:
+            blocked_until[row.id] = blocker[1] if blocker[1] > now else None
 
     ready = [row for row in rows if row.id not in blocked_until]
     held = [row for row in rows if row.id in blocked_until]
@@ -338,11 +386,6 @@ def _uuid_text(value) -> str:
     if len(text) == 32:
         return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
     return text
-
-
-def _aware(value: datetime) -> datetime:
-    # Raw cursors return naive datetimes; the connection's time zone is UTC.
-    return value.replace(tzinfo=dt_timezone.utc) if timezone.is_naive(value) else value
 
 
 def _db_time(value: datetime):

@@ -11,3 +11,5 @@ OUTBOX_PUBLISH_TIMEOUT = 5.0
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.testhandlers"]  # noqa: F405
+# Lets two suites run side by side on one server (TEST_DATABASE_NAME=test_orders_2 make test).
+DATABASES["default"]["TEST"]["NAME"] = os.environ.get("TEST_DATABASE_NAME", "test_orders")  # noqa: F405
