@@ -28,7 +28,8 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
         # Round-trip through the encoder so decimals, dates and UUIDs are stored as JSON strings.
         payload=json.loads(json.dumps(payload, cls=DjangoJSONEncoder)),
     )
-    transaction.on_commit(_wake_relay)
+    if settings.OUTBOX_WAKE_ON_COMMIT:
+        transaction.on_commit(_wake_relay)
     return event
 
 

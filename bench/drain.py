@@ -1,0 +1,97 @@
+"""Relay drain throughput against raw SQL claim-and-mark and the raw producer, on the same table."""
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from bench.common import Timer, prefill_outbox, reset_outbox_pending, truncate_outbox
+
+
+def raw_sql_claim_and_mark(batch_size: int) -> int:
+    """The naive loop with no Kafka: claim a batch with SKIP LOCKED, mark it sent, commit."""
+    from outbox.models import OutboxEvent
+
+    table = OutboxEvent._meta.db_table
+    done = 0
+    while True:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"SELECT id FROM {table} WHERE status='pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                           [batch_size])
+            ids = [r[0] for r in cursor.fetchall()]
+            if not ids:
+                return done
+            cursor.execute(f"UPDATE {table} SET status='sent', published_at=NOW(6) WHERE id IN ({','.join(map(str, ids))})")
+            done += len(ids)
+
+
+def raw_producer(n_expected: int) -> int:
+    """Produce the table's messages with the relay's producer settings, no database work."""
+    from relay import kafka
+    from relay.services import _claim
+    from django.utils import timezone
+
+    with transaction.atomic():
+        rows = _claim(now=timezone.now(), batch_size=n_expected)
+    messages = [row.message(settings.OUTBOX_TOPIC_PREFIX + row.aggregate_type) for row in rows]
+    with Timer() as t:
+        for start in range(0, len(messages), 1000):
+            deliveries = kafka.publish(messages[start:start + 1000], timeout=30)
+            assert all(d.ok for d in deliveries)
+    return len(messages), t.seconds
+
+
+def relay_drain(batch_size: int) -> int:
+    from relay.services import relay_run
+
+    settings.OUTBOX_BATCH_SIZE = batch_size
+    sent = 0
+    while True:
+        result = relay_run(budget=60)
+        sent += result.sent
+        if result.claimed == 0:
+            return sent
+
+
+def explain_claim() -> str:
+    from outbox.models import OutboxEvent
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN SELECT id FROM {OutboxEvent._meta.db_table} WHERE status='pending' "
+                       f"AND available_at <= NOW() ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED")
+        columns = [c[0] for c in cursor.description]
+        return "; ".join(f"{dict(zip(columns, row))['key']} / {dict(zip(columns, row))['Extra']}" for row in cursor.fetchall())
+
+
+def run(n: int, batch_sizes: list[int]) -> dict:
+    truncate_outbox()
+    prefill_outbox(n)
+    results = {"events": n, "explain": explain_claim()}
+
+    with Timer() as t:
+        assert raw_sql_claim_and_mark(1000) == n
+    results["raw_sql_rate"] = n / t.seconds
+
+    reset_outbox_pending()
+    produced, seconds = raw_producer(n)
+    results["raw_producer_rate"] = produced / seconds
+
+    results["relay_rate_by_batch"] = {}
+    for batch_size in batch_sizes:
+        reset_outbox_pending()
+        with Timer() as t:
+            assert relay_drain(batch_size) == n
+        results["relay_rate_by_batch"][batch_size] = n / t.seconds
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.common import setup_django, start_broker
+
+    broker = start_broker()
+    try:
+        setup_django()
+        n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+        print(run(n, [1000]))
+    finally:
+        broker.stop()

@@ -1,0 +1,189 @@
+"""`make bench`: every figure of DESIGN.md's targets from one run on this machine, side by side.
+
+Writes docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks.png.
+"""
+
+import argparse
+import json
+import platform
+import os
+import time
+
+from bench import common  # noqa: F401  (configures the environment first)
+from bench.common import ROOT, setup_django, start_broker, truncate_outbox
+
+TARGETS = {"drain_rate": 25_000, "drain_vs_sql": 0.7, "p50_ms": 25, "p99_ms": 100, "outbox_cost": 0.15}
+
+
+def bench_user_token() -> str:
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    user, _ = get_user_model().objects.get_or_create(username="bench")
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def flush_redis() -> None:
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+
+
+def run_http(args, broker) -> dict:
+    from bench.http_load import steady_rate, wrk_throughput
+    from bench.stack import Stack
+
+    token = bench_user_token()
+    results = {}
+    for mode, wake in (("wake_on_commit", 1), ("polling_only", 0)):
+        truncate_outbox()
+        flush_redis()
+        stack = Stack(port=18001, OUTBOX_WAKE_ON_COMMIT=wake)
+        try:
+            results[mode] = steady_rate(port=18001, token=token, rate=args.rate, seconds=args.latency_seconds,
+                                        bootstrap=broker.bootstrap, topic="outbox.event.order")
+        finally:
+            stack.stop()
+        print(f"  latency {mode}: {fmt_latency(results[mode])}", flush=True)
+
+    for name, wsgi in (("with_outbox", "project.wsgi"), ("without_outbox", "bench.wsgi_without_outbox")):
+        truncate_outbox()
+        flush_redis()
+        stack = Stack(port=18001, wsgi=wsgi)
+        try:
+            results[f"throughput_{name}"] = wrk_throughput(port=18001, token=token, seconds=args.throughput_seconds)
+        finally:
+            stack.stop()
+        print(f"  throughput {name}: {results[f'throughput_{name}']:.0f} orders/s", flush=True)
+    results["outbox_cost"] = 1 - results["throughput_with_outbox"] / results["throughput_without_outbox"]
+    return results
+
+
+def fmt_latency(r: dict) -> str:
+    return (f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.0f} ms "
+            f"({r['received']}/{r['orders']} received at {r['achieved_rate']:.0f}/s, {r['errors']} errors)")
+
+
+def verdict(ok: bool) -> str:
+    return "meets target" if ok else "MISSES target"
+
+
+def report(results: dict) -> str:
+    d, h, m = results["drain"], results.get("http"), results.get("memory")
+    best_batch = max(d["relay_rate_by_batch"], key=d["relay_rate_by_batch"].get)
+    default_rate = d["relay_rate_by_batch"][d["default_batch"]]
+    lines = [
+        f"# Benchmarks\n",
+        f"Made by `make bench` on {results['when']} ({results['machine']}), MariaDB, Redis and the Tansu broker",
+        "on the same machine. Figures from one run; ratios are measured side by side in that run.\n",
+        "## Relay drain (pre-filled outbox, acks=all, idempotent producer)\n",
+        f"- {d['events']:,} events; claim query plan: `{d['explain']}`",
+        f"- raw SQL claim-and-mark (no Kafka), batch 1000: **{d['raw_sql_rate']:,.0f} rows/s**",
+        f"- raw producer, same messages, no database: **{d['raw_producer_rate']:,.0f} msgs/s**",
+        f"- relay, batch {d['default_batch']} (default), {d['lanes']} lanes: **{default_rate:,.0f} events/s** = "
+        f"{default_rate / d['raw_sql_rate']:.2f} of raw SQL "
+        f"(target ≥ {TARGETS['drain_rate']:,} events/s: {verdict(default_rate >= TARGETS['drain_rate'])}; "
+        f"≥ {TARGETS['drain_vs_sql']} of raw SQL: {verdict(default_rate / d['raw_sql_rate'] >= TARGETS['drain_vs_sql'])})",
+        "- relay by batch size: " + ", ".join(f"{b}: {r:,.0f}/s" for b, r in d["relay_rate_by_batch"].items())
+        + f" (best: {best_batch})",
+    ]
+    if h:
+        wake, poll = h["wake_on_commit"], h["polling_only"]
+        lines += [
+            "\n## Commit-to-consume latency at a steady rate over HTTP\n",
+            f"- with the on-commit wake-up: {fmt_latency(wake)} "
+            f"(p50 < {TARGETS['p50_ms']} ms: {verdict(wake['p50_ms'] < TARGETS['p50_ms'])}; "
+            f"p99 < {TARGETS['p99_ms']} ms: {verdict(wake['p99_ms'] < TARGETS['p99_ms'])})",
+            f"- polling alone (beat every OUTBOX_POLL_INTERVAL): {fmt_latency(poll)}",
+            "\n## Order creation throughput over HTTP (gunicorn, 4 workers; wrk, 16 connections)\n",
+            f"- with the outbox write: **{h['throughput_with_outbox']:,.0f} orders/s**",
+            f"- without it (baseline): **{h['throughput_without_outbox']:,.0f} orders/s**",
+            f"- the outbox costs **{h['outbox_cost']:.1%}** of throughput "
+            f"(target ≤ {TARGETS['outbox_cost']:.0%}: {verdict(h['outbox_cost'] <= TARGETS['outbox_cost'])})",
+        ]
+    if m:
+        growth = m["rss_mib_last_10pct"] - m["rss_mib_first_10pct"]
+        lines += [
+            "\n## Relay memory while publishing\n",
+            f"- {m['events']:,} events in {m['seconds']:.0f} s by one `relay_outbox` process: RSS "
+            f"{m['rss_mib_first_10pct']:.1f} MiB in the first 10%, {m['rss_mib_last_10pct']:.1f} MiB in the last 10%, "
+            f"peak {m['rss_mib_peak']:.1f} MiB (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})",
+        ]
+    lines.append("\n![latency percentiles and drain throughput](benchmarks.png)\n")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    drain = results["drain"]["relay_rate_by_batch"]
+    right.plot(list(drain), list(drain.values()), marker="o", label="relay")
+    right.axhline(results["drain"]["raw_sql_rate"], color="grey", linestyle="--", label="raw SQL claim+mark")
+    right.axhline(TARGETS["drain_rate"], color="red", linestyle=":", label="target")
+    right.set(xlabel="batch size", ylabel="events/s", title="Drain throughput by batch size", xscale="log")
+    right.legend()
+    http = results.get("http")
+    if http:
+        names = ["p50_ms", "p95_ms", "p99_ms"]
+        xs = range(len(names))
+        left.bar([x - 0.2 for x in xs], [http["wake_on_commit"][n] for n in names], width=0.4, label="on-commit wake-up")
+        left.bar([x + 0.2 for x in xs], [http["polling_only"][n] for n in names], width=0.4, label="polling only")
+        left.set_xticks(list(xs), ["p50", "p95", "p99"])
+        left.set(ylabel="ms (log)", yscale="log", title="Commit-to-consume latency")
+        left.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000, help="pre-filled outbox rows for the drain runs")
+    parser.add_argument("--batch-sizes", default="250,500,1000,2000")
+    parser.add_argument("--rate", type=int, default=200, help="orders/s for the latency runs")
+    parser.add_argument("--latency-seconds", type=float, default=20)
+    parser.add_argument("--throughput-seconds", type=int, default=10)
+    parser.add_argument("--rss-events", type=int, default=1_000_000)
+    parser.add_argument("--skip", default="", help="comma-separated: http,memory")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    broker = start_broker()
+    try:
+        setup_django()
+        from django.conf import settings
+
+        from bench import drain, memory
+
+        results = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"}
+        print("drain...", flush=True)
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        results["drain"] = drain.run(args.events, batch_sizes)
+        results["drain"]["default_batch"] = 1000 if 1000 in batch_sizes else batch_sizes[0]
+        results["drain"]["lanes"] = settings.OUTBOX_RELAY_LANES
+        if "http" not in skip:
+            print("http...", flush=True)
+            results["http"] = run_http(args, broker)
+        if "memory" not in skip:
+            print("memory...", flush=True)
+            results["memory"] = memory.run(args.rss_events)
+        truncate_outbox()
+    finally:
+        broker.stop()
+
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = report(results)
+    (docs / "benchmarks.md").write_text(text + "\n")
+    plot(results, docs / "benchmarks.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
