@@ -37,6 +37,7 @@ COPY outbox ./outbox
 COPY relay ./relay
 COPY inbox ./inbox
 COPY stats ./stats
+COPY ops ./ops
 
 # The admin's static files, served by whitenoise. Settings need a secret key to load; this one is
 # used for this command only and is not in the image's environment.

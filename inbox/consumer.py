@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
+from ops import metrics
+
 from . import kafka
 from .models import ConsumerDeadLetter
 from .services import PoisonMessage, RawMessage, dead_letter_record, inbound_event_apply, inbound_event_parse
@@ -42,8 +44,12 @@ class EventConsumer:
         self._consumer.subscribe(self.topics, on_revoke=self._on_revoke)
         handled = 0
         idle_since = time.monotonic()
+        lag_reported = 0.0
         try:
             while not self.stopping:
+                if time.monotonic() - lag_reported > 5:
+                    self._report_lag()
+                    lag_reported = time.monotonic()
                 message = self._consumer.poll(0.5)
                 if message is None:
                     if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
@@ -80,8 +86,10 @@ class EventConsumer:
                 event = inbound_event_parse(raw)
                 applied = self._until_database_answers(lambda: inbound_event_apply(group_id=self.group_id, event=event, raw=raw))
                 self.stats["applied" if applied else "duplicates"] += 1
+                (metrics.INBOX_PROCESSED if applied else metrics.INBOX_DUPLICATES).labels(self.group_id).inc()
                 if not applied:
-                    logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type)
+                    logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type,
+                                extra=self._context(raw, attempts, event.event_id))
                 return
             except PoisonMessage as exc:
                 return self._dead_letter(raw, f"poison message: {exc}", attempts)
@@ -91,7 +99,7 @@ class EventConsumer:
                 if attempts >= self.max_attempts:
                     return self._dead_letter(raw, f"handler failed: {exc!r}", attempts)
                 logger.warning("handler failed for %s[%d]@%d (attempt %d): %r",
-                               raw.topic, raw.partition, raw.offset, attempts, exc)
+                               raw.topic, raw.partition, raw.offset, attempts, exc, extra=self._context(raw, attempts))
                 time.sleep(self.backoff_base * 2 ** (attempts - 1))
 
     def _until_database_answers(self, work):
@@ -115,7 +123,9 @@ class EventConsumer:
             lambda: dead_letter_record(group_id=self.group_id, raw=raw, error=error, attempts=attempts, dlq_topic=self.dlq_topic)
         )
         self.stats["dead_lettered"] += 1
-        logger.error("dead-lettered %s[%d]@%d after %d attempt(s): %s", raw.topic, raw.partition, raw.offset, attempts, error)
+        metrics.INBOX_DEAD_LETTERED.labels(self.group_id).inc()
+        logger.error("dead-lettered %s[%d]@%d after %d attempt(s): %s", raw.topic, raw.partition, raw.offset,
+                     attempts, error, extra=self._context(raw, attempts))
         if not record.dlq_published and self._publish_dead_letter(raw, error, attempts):
             self._until_database_answers(
                 lambda: ConsumerDeadLetter.objects.filter(pk=record.pk).update(dlq_published=True)
@@ -145,6 +155,27 @@ class EventConsumer:
         logger.critical("could not write %s[%d]@%d to DLQ topic %s: %s; it is kept in the database",
                         raw.topic, raw.partition, raw.offset, self.dlq_topic, outcome[0] if outcome else "timeout")
         return False
+
+    def _context(self, raw: RawMessage, attempt: int, event_id: str | None = None) -> dict:
+        headers = raw.text_headers()
+        return {
+            "event_id": event_id or headers.get("id", ""), "order_id": headers.get("aggregateId", ""),
+            "event_type": headers.get("eventType", ""), "attempt": attempt, "group": self.group_id,
+            "topic": raw.topic, "partition": raw.partition, "offset": raw.offset,
+        }
+
+    def _report_lag(self) -> None:
+        """Consumer lag per assigned partition, from the client's cached watermarks (no broker round trip)."""
+        try:
+            for position in self._consumer.position(self._consumer.assignment()):
+                if position.offset < 0:
+                    continue
+                _, high = self._consumer.get_watermark_offsets(position, cached=True)
+                if high >= 0:
+                    metrics.INBOX_LAG.labels(self.group_id, position.topic, str(position.partition)).set(
+                        max(high - position.offset, 0))
+        except kafka.KafkaException as exc:
+            logger.debug("lag not available: %s", exc)
 
     def _on_revoke(self, consumer, partitions) -> None:
         self._commit_sync()

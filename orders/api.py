@@ -1,3 +1,5 @@
+from django.db import IntegrityError
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import PageNumberPagination
@@ -7,7 +9,24 @@ from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from . import selectors, services
+from .openapi import (
+    BAD_REQUEST, CONFLICT, IDEMPOTENCY_KEY, NOT_FOUND, ORDER_ID, UNAUTHORIZED, UNPROCESSABLE, OrderPageSerializer,
+)
 from .serializers import OrderCreateSerializer, OrderSerializer
+
+
+# The database compares text under its collation, where some non-empty strings (control and zero-width
+# characters, lone combining marks...) equal '': its not-empty check constraints refuse them. Which
+# strings those are depends on the collation, so the database's answer is taken as the validation.
+NOT_EMPTY_CONSTRAINTS = {"order_customer_id_not_empty": "customer_id", "item_sku_not_empty": "items"}
+
+
+def _not_empty_violation(exc: IntegrityError) -> ValidationError | None:
+    for constraint, field in NOT_EMPTY_CONSTRAINTS.items():
+        if constraint in str(exc):
+            what = "customer_id" if field == "customer_id" else "every sku"
+            return ValidationError({field: [f"{what} must contain at least one significant character."]})
+    return None
 
 
 def exception_handler(exc, context):
@@ -18,6 +37,15 @@ def exception_handler(exc, context):
 
 
 class OrderListCreateApi(APIView):
+    @extend_schema(
+        operation_id="orders_list",
+        summary="The caller's orders, newest first, paginated",
+        parameters=[
+            OpenApiParameter("customer_id", str, OpenApiParameter.QUERY, description="Only this customer's orders."),
+            OpenApiParameter("page", int, OpenApiParameter.QUERY, description="Page number, from 1."),
+        ],
+        responses={200: OrderPageSerializer, 401: UNAUTHORIZED, 404: NOT_FOUND},
+    )
     def get(self, request: Request) -> Response:
         customer_id = request.query_params.get("customer_id")
         orders = selectors.order_list(owner=request.user, customer_id=customer_id)
@@ -25,6 +53,15 @@ class OrderListCreateApi(APIView):
         page = paginator.paginate_queryset(orders, request, view=self)
         return paginator.get_paginated_response(OrderSerializer(page, many=True).data)
 
+    @extend_schema(
+        operation_id="orders_create",
+        summary="Create an order (order, items and OrderCreated event in one transaction)",
+        parameters=[IDEMPOTENCY_KEY],
+        request={"application/json": OrderCreateSerializer},
+        responses={
+            201: OrderSerializer, 400: BAD_REQUEST, 401: UNAUTHORIZED, 409: CONFLICT, 422: UNPROCESSABLE,
+        },
+    )
     def post(self, request: Request) -> Response:
         if not isinstance(request.data, dict):
             raise ValidationError({"non_field_errors": ["Expected a JSON object."]})
@@ -33,11 +70,16 @@ class OrderListCreateApi(APIView):
         data = serializer.validated_data
 
         def create() -> tuple[int, dict]:
-            order = services.order_create(
-                owner=request.user,
-                customer_id=data["customer_id"],
-                items=[services.ItemInput(**item) for item in data["items"]],
-            )
+            try:
+                order = services.order_create(
+                    owner=request.user,
+                    customer_id=data["customer_id"],
+                    items=[services.ItemInput(**item) for item in data["items"]],
+                )
+            except IntegrityError as exc:  # rolled back: nothing was written
+                if (invalid := _not_empty_violation(exc)) is None:
+                    raise
+                raise invalid from exc
             return status.HTTP_201_CREATED, OrderSerializer(selectors.order_get(owner=request.user, order_id=order.pk)).data
 
         key = request.headers.get("Idempotency-Key")
@@ -50,6 +92,12 @@ class OrderListCreateApi(APIView):
 
 
 class OrderDetailApi(APIView):
+    @extend_schema(
+        operation_id="orders_retrieve",
+        summary="One of the caller's orders",
+        parameters=[ORDER_ID],
+        responses={200: OrderSerializer, 401: UNAUTHORIZED, 404: NOT_FOUND},
+    )
     def get(self, request: Request, order_id: int) -> Response:
         order = selectors.order_get(owner=request.user, order_id=order_id)
         if order is None:
@@ -58,6 +106,13 @@ class OrderDetailApi(APIView):
 
 
 class OrderCancelApi(APIView):
+    @extend_schema(
+        operation_id="orders_cancel",
+        summary="Cancel an order (one OrderCancelled event); cancelling again is 409",
+        parameters=[ORDER_ID],
+        request=None,
+        responses={200: OrderSerializer, 401: UNAUTHORIZED, 404: NOT_FOUND, 409: CONFLICT},
+    )
     def post(self, request: Request, order_id: int) -> Response:
         services.order_cancel(owner=request.user, order_id=order_id)
         return Response(OrderSerializer(selectors.order_get(owner=request.user, order_id=order_id)).data)

@@ -1,9 +1,15 @@
+from decimal import Decimal
+
 from django.core.exceptions import ValidationError
 from rest_framework import serializers
 
 from .models import Order, OrderItem
+from .services import ItemInput, order_total
 
 MAX_ITEMS_PER_ORDER = 500
+# The largest total the orders table can store (Order.total: max_digits=18, decimal_places=2).
+_total_field = Order._meta.get_field("total")
+MAX_ORDER_TOTAL = Decimal(10) ** (_total_field.max_digits - _total_field.decimal_places) - Decimal("0.01")
 
 
 def text_is_encodable(value: str) -> None:
@@ -23,6 +29,12 @@ class ItemInputSerializer(serializers.Serializer):
 class OrderCreateSerializer(serializers.Serializer):
     customer_id = serializers.CharField(max_length=64, validators=[text_is_encodable])
     items = ItemInputSerializer(many=True, allow_empty=False, max_length=MAX_ITEMS_PER_ORDER)
+
+    def validate(self, attrs):
+        # Valid items can add up to more than the total column holds; the database would refuse it (500).
+        if order_total(items=[ItemInput(**item) for item in attrs["items"]]) > MAX_ORDER_TOTAL:
+            raise serializers.ValidationError({"items": [f"The order total may not exceed {MAX_ORDER_TOTAL}."]})
+        return attrs
 
 
 class OrderItemSerializer(serializers.ModelSerializer):

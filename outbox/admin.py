@@ -1,10 +1,15 @@
 import json
 
+from django.core.exceptions import PermissionDenied
+
 from django.contrib import admin, messages
+from django.template.response import TemplateResponse
+from django.urls import path
 from django.utils import timezone
 from django.utils.html import format_html
 
 from .models import FailedEvent, OutboxEvent
+from .selectors import outbox_overview
 from .services import failed_event_requeue
 
 
@@ -41,6 +46,16 @@ class OutboxEventAdmin(ReadOnlyAdmin):
     exclude = ["payload"]
     actions = ["requeue"]
     show_full_result_count = False
+
+    def get_urls(self):
+        overview = self.admin_site.admin_view(self.overview_view)
+        return [path("overview/", overview, name="outbox_overview"), *super().get_urls()]
+
+    def overview_view(self, request):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {**self.admin_site.each_context(request), "title": "Outbox overview", "overview": outbox_overview()}
+        return TemplateResponse(request, "admin/outbox/overview.html", context)
 
     @admin.display(description="age")
     def created_age(self, obj):

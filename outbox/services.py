@@ -8,6 +8,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
+from ops.metrics import OUTBOX_REQUEUED
+
 from .models import FailedEvent, OutboxEvent
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,11 @@ def failed_event_requeue(*, failed_events, user) -> int:
         failed.requeued_at = timezone.now()
         failed.requeued_by = user
         failed.save(update_fields=["status", "requeued_at", "requeued_by"])
-        logger.info("requeued event %s by %s", failed.event_id, user)
+        logger.info("requeued event %s by %s", failed.event_id, user,
+                    extra={"event_id": str(failed.event_id), "order_id": failed.aggregate_id})
         count += 1
     if count:
+        OUTBOX_REQUEUED.inc(count)
         transaction.on_commit(_wake_relay)
     return count
 

@@ -49,11 +49,13 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
     "orders",
     "outbox",
     "relay",
     "inbox",
     "stats",
+    "ops",
 ]
 
 MIDDLEWARE = [
@@ -118,6 +120,7 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "orders.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
 # An Idempotency-Key whose first request has not finished after this long is treated as abandoned
 # (its process died) and may be taken over by a retry.
@@ -163,13 +166,21 @@ INBOX_MAX_ATTEMPTS = env_int("INBOX_MAX_ATTEMPTS", 3)
 INBOX_BACKOFF_BASE = env_float("INBOX_BACKOFF_BASE", 0.5)
 INBOX_RETENTION_DAYS = env_float("INBOX_RETENTION_DAYS", 30.0)
 
+# LOG_FORMAT: json (one object per line, with event_id, order_id and attempt on relay and consumer lines)
+# or plain (make run).
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "json": {"()": "ops.logging.JsonFormatter"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }
+# Celery would replace the root logger's handlers with its own plain format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 CELERY_BEAT_SCHEDULE = {
     # Safety net behind the on-commit wake-up; expires so ticks never queue up while workers are down.
@@ -193,4 +204,15 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 300.0,
         "options": {"expires": 300.0},
     },
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Order service API",
+    "DESCRIPTION": "Orders written with their events in one transaction (transactional outbox); "
+    "per-customer stats maintained by the event consumer.",
+    "VERSION": "1.0.0",
+    # The schema is served by the API itself (GET /api/schema/), behind the same authentication.
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
 }

@@ -3,12 +3,14 @@
 import logging
 import os
 import threading
-from functools import partial
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from django.conf import settings
+
+from ops.metrics import PRODUCER_REBUILT
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class _ProducerHolder:
         with self._lock:
             if self._producer is not None and self._pid == os.getpid():
                 logger.warning("discarding the Kafka producer and building a new one: %s", reason)
+                PRODUCER_REBUILT.inc()
                 # Messages still queued may yet be written: that is a duplicate, which consumers dedupe.
                 self._producer.purge(in_queue=True, in_flight=False)
             self._producer = None
@@ -163,3 +166,14 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
     ):
         producer.discard("no message of the batch was acknowledged before the timeout")
     return deliveries
+
+
+def broker_metadata_reachable(*, timeout: float) -> None:
+    """Raise unless a broker answers a metadata request within timeout seconds."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS, **settings.KAFKA_CONFIG,
+                         "socket.connection.setup.timeout.ms": int(timeout * 1000)})
+    metadata = admin.list_topics(timeout=timeout)
+    if not metadata.brokers:
+        raise KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN, "no broker in the metadata"))

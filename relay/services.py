@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from ops import metrics
 from outbox.models import FailedEvent, OutboxEvent
 
 from . import kafka
@@ -157,6 +158,7 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         logger.warning(
             "relay batch: %d sent, %d retrying, %d dead-lettered; errors: %s",
             result.sent, result.retried, result.dead, "; ".join(result.errors),
+            extra={"sent": result.sent, "retrying": result.retried, "dead_lettered": result.dead},
         )
     return result
 
@@ -237,6 +239,10 @@ def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) ->
     ids = [row.id for row, _ in acked]
     partition_cases = " ".join(f"WHEN {row.id} THEN {int(d.partition)}" for row, d in acked)
     offset_cases = " ".join(f"WHEN {row.id} THEN {int(d.offset)}" for row, d in acked)
+    metrics.OUTBOX_PUBLISHED.inc(len(acked))
+    naive_now = now.replace(tzinfo=None)
+    for row, _ in acked:
+        metrics.OUTBOX_PUBLISH_LATENCY.observe((naive_now - row.occurred_at).total_seconds())
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
@@ -253,13 +259,14 @@ def backoff_delay(attempts: int) -> float:
 
 
 def _schedule_retries(failed: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:
+    metrics.OUTBOX_RETRIED.inc(len(failed))
     for row, delivery in failed:
         attempts = row.attempts + 1
+        delay = backoff_delay(attempts)
         OutboxEvent.objects.filter(id=row.id).update(
-            attempts=attempts,
-            available_at=now + timedelta(seconds=backoff_delay(attempts)),
-            last_error=delivery.error,
+            attempts=attempts, available_at=now + timedelta(seconds=delay), last_error=delivery.error
         )
+        logger.info("publish failed, retrying in %.1fs: %s", delay, delivery.error, extra=_context(row, attempts))
 
 
 def _dead_letter(exhausted: list[tuple[Claimed, kafka.Delivery]]) -> None:
@@ -268,7 +275,10 @@ def _dead_letter(exhausted: list[tuple[Claimed, kafka.Delivery]]) -> None:
         return
     failed_at = timezone.now()
     records = []
+    metrics.OUTBOX_DEAD_LETTERED.inc(len(exhausted))
     for row, delivery in exhausted:
+        logger.error("event exhausted after %d attempt(s), dead-lettering: %s", row.attempts + 1, delivery.error,
+                     extra=_context(row, row.attempts + 1))
         OutboxEvent.objects.filter(id=row.id).update(
             status=OutboxEvent.Status.DEAD, attempts=row.attempts + 1, last_error=delivery.error
         )
@@ -331,6 +341,8 @@ def _publish_dead_letters(records: list[FailedEvent]) -> None:
                 "it is kept in the failed-events table (status %s)",
                 record.event_id, record.event_type, record.aggregate_type, record.aggregate_id,
                 settings.OUTBOX_DLQ_TOPIC, delivery.error, record.status,
+                extra={"event_id": str(record.event_id), "order_id": record.aggregate_id,
+                       "event_type": record.event_type, "attempt": record.attempts},
             )
     FailedEvent.objects.bulk_update(records, ["status", "dlq_attempts", "dlq_error", "dlq_next_attempt_at"])
 
@@ -346,6 +358,10 @@ def dead_letters_retry() -> int:
         if records:
             _publish_dead_letters(records)
     return len(records)
+
+
+def _context(row: Claimed, attempt: int) -> dict:
+    return {"event_id": row.event_id, "order_id": row.aggregate_id, "event_type": row.event_type, "attempt": attempt}
 
 
 def relay_wake() -> None:

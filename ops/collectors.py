@@ -1,0 +1,27 @@
+"""Outbox and inbox state read from the database at scrape time."""
+
+from django.db import connection
+from django.db.models import Count, Min
+from django.utils import timezone
+from prometheus_client.core import GaugeMetricFamily
+
+from inbox.models import ConsumerDeadLetter
+from outbox.models import FailedEvent, OutboxEvent
+
+
+class DatabaseStateCollector:
+    def collect(self):
+        pending = OutboxEvent.objects.filter(status=OutboxEvent.Status.PENDING).aggregate(
+            count=Count("id"), oldest=Min("occurred_at")
+        )
+        yield GaugeMetricFamily("outbox_events_pending", "Outbox events not yet published", value=pending["count"])
+        age = (timezone.now() - pending["oldest"]).total_seconds() if pending["oldest"] else 0.0
+        yield GaugeMetricFamily("outbox_oldest_pending_age_seconds", "Age of the oldest pending event", value=age)
+        failed = GaugeMetricFamily("outbox_failed_events", "Failed events by status", labels=["status"])
+        counts = dict(FailedEvent.objects.values_list("status").annotate(n=Count("id")))
+        for status in FailedEvent.Status.values:
+            failed.add_metric([status], counts.get(status, 0))
+        yield failed
+        yield GaugeMetricFamily("inbox_dead_letters", "Messages the consumer dead-lettered (stored)",
+                                value=ConsumerDeadLetter.objects.count())
+        connection.close_if_unusable_or_obsolete()

@@ -1,0 +1,92 @@
+import json
+import logging
+
+import pytest
+from django.test import Client
+
+from ops.logging import JsonFormatter
+from outbox.models import OutboxEvent
+from relay.services import relay_publish_batch
+from tests.outbox.test_admin import staff_client
+from tests.relay.test_failures import ORDER, relay_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_healthz_answers_without_checking_dependencies():
+    response = Client().get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_readyz_checks_database_redis_and_kafka(broker):
+    body = Client().get("/readyz").json()
+    assert body["status"] == "ready"
+    assert {name: check["ok"] for name, check in body["checks"].items()} == {"database": True, "redis": True, "kafka": True}
+
+
+def test_readyz_names_kafka_when_the_broker_is_down(broker_outage):
+    broker_outage.stop()
+    response = Client().get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["kafka"]["ok"] is False and checks["kafka"]["error"]
+    assert checks["database"]["ok"] and checks["redis"]["ok"]
+
+
+def test_metrics_show_pending_events_and_published_counter(api, fast_retries):
+    client = Client()
+    published_before = metric_value(client.get("/metrics").content.decode(), "outbox_events_published_total")
+    api.post("/api/orders/", ORDER, format="json")
+    pending = client.get("/metrics").content.decode()
+    assert metric_value(pending, "outbox_events_pending") == 1
+    assert metric_value(pending, "outbox_oldest_pending_age_seconds") >= 0
+
+    relay_until(lambda: OutboxEvent.objects.filter(status="sent").exists(), timeout=15, message="sent")
+
+    after = client.get("/metrics").content.decode()
+    assert metric_value(after, "outbox_events_pending") == 0
+    assert metric_value(after, "outbox_events_published_total") == published_before + 1
+    assert metric_value(after, "outbox_publish_latency_seconds_count") >= 1
+
+
+def test_relay_log_lines_carry_event_order_and_attempt(api, broker_outage, fast_retries, caplog):
+    broker_outage.stop()
+    order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
+    event = OutboxEvent.objects.get()
+
+    with caplog.at_level(logging.INFO, logger="relay.services"):
+        relay_publish_batch()
+
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("publish failed")]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event_id"] == str(event.event_id)
+    assert line["order_id"] == str(order_id)
+    assert line["attempt"] == 1
+    assert line["level"] == "INFO" and "retrying" in line["message"]
+
+
+def test_admin_overview_shows_orders_held_behind_a_failing_event(api, broker_outage, fast_retries, django_user_model):
+    broker_outage.stop()
+    order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
+    relay_publish_batch()  # fails: the OrderCreated goes into backoff
+    api.post(f"/api/orders/{order_id}/cancel/")  # held behind it
+
+    _, client = staff_client(django_user_model, "ops", "view_outboxevent")
+    page = client.get("/admin/outbox/outboxevent/overview/")
+
+    assert page.status_code == 200
+    held = page.context["overview"]["held"]
+    assert [(h["aggregate_id"], h["event_type"], h["events_behind"]) for h in held] == [(str(order_id), "OrderCreated", 1)]
+    assert page.context["overview"]["counts"]["pending"] == 2
+
+
+def test_admin_overview_requires_view_permission(django_user_model):
+    _, client = staff_client(django_user_model, "nobody")
+    assert client.get("/admin/outbox/outboxevent/overview/").status_code == 403
