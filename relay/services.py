@@ -28,6 +28,7 @@ from . import kafka
 logger = logging.getLogger(__name__)
 
 WAKE_KEY = "outbox:relay:wake"
+LATENCY_SAMPLES = 100
 TABLE = OutboxEvent._meta.db_table
 
 
@@ -241,7 +242,8 @@ def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) ->
     offset_cases = " ".join(f"WHEN {row.id} THEN {int(d.offset)}" for row, d in acked)
     metrics.OUTBOX_PUBLISHED.inc(len(acked))
     naive_now = now.replace(tzinfo=None)
-    for row, _ in acked:
+    # A sample of at most LATENCY_SAMPLES rows per batch: each observation costs ~10 us in multiprocess mode.
+    for row, _ in acked[:: max(1, len(acked) // LATENCY_SAMPLES)]:
         metrics.OUTBOX_PUBLISH_LATENCY.observe((naive_now - row.occurred_at).total_seconds())
     with connection.cursor() as cursor:
         cursor.execute(

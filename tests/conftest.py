@@ -8,17 +8,26 @@ from tests.kafka_tools import Broker, env_bootstrap
 PROJECT_TOPICS = ("outbox.event.order", "outbox.dlq", "order-stats.dlq")
 
 
-class ExternalBroker:
+class ExternalBroker(Broker):
     """A broker the tests do not control (TEST_KAFKA_BOOTSTRAP_SERVERS): outage tests skip."""
 
     def __init__(self, bootstrap: str):
+        super().__init__(topics=PROJECT_TOPICS)
         self.bootstrap = bootstrap
+
+    def start(self):
+        self.create_topics(*self.topics)
+
+    def stop(self):
+        pytest.skip("the broker is external; this test needs to kill it")
 
 
 @pytest.fixture(scope="session")
 def broker():
     if env_bootstrap():
-        yield ExternalBroker(env_bootstrap())
+        external = ExternalBroker(env_bootstrap())
+        external.start()
+        yield external
         return
     broker = Broker(topics=PROJECT_TOPICS)
     broker.start()
