@@ -11,7 +11,8 @@ class Order(models.Model):
         CANCELLED = "cancelled"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders")
-    customer_id = models.CharField(max_length=64)
+    # Binary collation: ids compare exactly ("C-1" is not "c-1", a zero-width space is not empty).
+    customer_id = models.CharField(max_length=64, db_collation="utf8mb4_bin")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.CREATED)
     total = models.DecimalField(max_digits=18, decimal_places=2)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -31,7 +32,7 @@ class Order(models.Model):
 
 class OrderItem(models.Model):
     order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")
-    sku = models.CharField(max_length=64)
+    sku = models.CharField(max_length=64, db_collation="utf8mb4_bin")
     quantity = models.PositiveIntegerField()
     unit_price = models.DecimalField(max_digits=10, decimal_places=2)
 
@@ -50,7 +51,7 @@ class IdempotencyKey(models.Model):
     """The first answer to a POST carrying an Idempotency-Key, replayed for repeats of the same request."""
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
-    key = models.CharField(max_length=255)
+    key = models.CharField(max_length=255, db_collation="utf8mb4_bin")
     request_hash = models.CharField(max_length=64)
     response_status = models.PositiveSmallIntegerField(null=True, blank=True)  # null while in flight
     response_body = models.JSONField(null=True, blank=True)

@@ -6,7 +6,7 @@ from django.db import models
 class CustomerStats(models.Model):
     """Per-customer figures built only from order events, never from the orders table."""
 
-    customer_id = models.CharField(max_length=64, primary_key=True)
+    customer_id = models.CharField(max_length=64, primary_key=True, db_collation="utf8mb4_bin")
     orders_created = models.PositiveIntegerField(default=0)
     orders_cancelled = models.PositiveIntegerField(default=0)
     total_spent = models.DecimalField(max_digits=20, decimal_places=2, default=Decimal("0.00"))
