@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import redis
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from ops import metrics
@@ -28,6 +28,7 @@ from . import kafka
 logger = logging.getLogger(__name__)
 
 WAKE_KEY = "outbox:relay:wake"
+RETRIABLE_DB_ERRORS = {1213, 1205}  # deadlock victim, lock wait timeout
 LATENCY_SAMPLES = 100
 TABLE = OutboxEvent._meta.db_table
 
@@ -90,7 +91,7 @@ def relay_run(*, budget: float | None = None) -> BatchResult:
     """
     budget = settings.OUTBOX_RUN_BUDGET if budget is None else budget
     deadline = time.monotonic() + budget
-    first = relay_publish_batch()
+    first = _publish_batch_surviving_deadlocks()
     if not _keep_going(first, deadline):
         return first
     lanes = max(1, settings.OUTBOX_RELAY_LANES)
@@ -103,6 +104,22 @@ def relay_run(*, budget: float | None = None) -> BatchResult:
     return first
 
 
+def _publish_batch_surviving_deadlocks(attempts: int = 5) -> BatchResult:
+    """InnoDB may pick a claim or a mark of concurrent relays as a deadlock victim. The transaction is then
+    rolled back and its rows are still pending: run the batch again (a rolled-back mark republishes, which
+    consumers dedupe)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return relay_publish_batch()
+        except OperationalError as exc:
+            if exc.args[0] not in RETRIABLE_DB_ERRORS or attempt == attempts:
+                raise
+            logger.info("relay batch rolled back (%s), running it again", exc.args[1])
+            time.sleep(random.uniform(0.005, 0.05) * attempt)
+
+
 def _keep_going(batch: BatchResult, deadline: float) -> bool:
     return batch.claimed >= settings.OUTBOX_BATCH_SIZE and batch.sent > 0 and time.monotonic() < deadline
 
@@ -110,7 +127,7 @@ def _keep_going(batch: BatchResult, deadline: float) -> bool:
 def _drain(deadline: float) -> BatchResult:
     total = BatchResult()
     while True:
-        batch = relay_publish_batch()
+        batch = _publish_batch_surviving_deadlocks()
         total = _add(total, batch)
         if not _keep_going(batch, deadline):
             return total

@@ -151,3 +151,23 @@ def test_created_reaches_kafka_before_cancelled_when_its_first_attempt_failed(ap
                          until=lambda rs: {r.headers["eventType"] for r in rs} == both)
     first_seen = dict.fromkeys((r.headers["id"], r.headers["eventType"]) for r in records)  # a late duplicate is no reorder
     assert [event_type for _, event_type in first_seen] == ["OrderCreated", "OrderCancelled"]
+
+
+@pytest.mark.django_db
+def test_a_batch_chosen_as_deadlock_victim_runs_again(producer, monkeypatch):
+    from django.db import OperationalError
+
+    enqueue("1", "OrderCreated")
+    real_claim = services._claim
+    calls = []
+
+    def claim_losing_a_deadlock_once(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError(1213, "Deadlock found when trying to get lock; try restarting transaction")
+        return real_claim(**kwargs)
+
+    monkeypatch.setattr(services, "_claim", claim_losing_a_deadlock_once)
+    assert services.relay_run(budget=1).sent == 1
+    assert len(calls) == 2
+    assert OutboxEvent.objects.get().status == "sent"
