@@ -50,10 +50,6 @@ class OutboxEvent(models.Model):
     def __str__(self) -> str:
         return f"{self.event_type} {self.aggregate_type}:{self.aggregate_id} ({self.status})"
 
-    @property
-    def topic(self) -> str:
-        return settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
-
 
 class FailedEvent(models.Model):
     """An event the relay gave up on. Never deleted automatically: an operator inspects and requeues."""
