@@ -254,21 +254,24 @@ def _split_by_aggregate_order(rows: list[Claimed], *, now: datetime) -> tuple[li
 def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:
     if not acked:
         return
-    ids = [row.id for row, _ in acked]
-    partition_cases = " ".join(f"WHEN {row.id} THEN {int(d.partition)}" for row, d in acked)
-    offset_cases = " ".join(f"WHEN {row.id} THEN {int(d.offset)}" for row, d in acked)
     metrics.OUTBOX_PUBLISHED.inc(len(acked))
     naive_now = now.replace(tzinfo=None)
     # A sample of at most LATENCY_SAMPLES rows per batch: each observation costs ~10 us in multiprocess mode.
     for row, _ in acked[:: max(1, len(acked) // LATENCY_SAMPLES)]:
         metrics.OUTBOX_PUBLISH_LATENCY.observe((naive_now - row.occurred_at).total_seconds())
+    by_partition: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for row, delivery in acked:
+        by_partition[int(delivery.partition)].append((row.id, int(delivery.offset)))
+    # One UPDATE per partition: the offset CASE of each stays short (one long CASE costs ~10% of a drain).
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
-            f"kafka_partition = CASE id {partition_cases} END, kafka_offset = CASE id {offset_cases} END "
-            f"WHERE id IN ({','.join(str(i) for i in ids)})",
-            [_db_time(now)],
-        )
+        for partition, rows in by_partition.items():
+            offsets = " ".join(f"WHEN {row_id} THEN {offset}" for row_id, offset in rows)
+            cursor.execute(
+                f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
+                f"kafka_partition = %s, kafka_offset = CASE id {offsets} END "
+                f"WHERE id IN ({','.join(str(row_id) for row_id, _ in rows)})",
+                [_db_time(now), partition],
+            )
 
 
 def backoff_delay(attempts: int) -> float:
