@@ -16,8 +16,15 @@ from .services import PoisonMessage, RawMessage, dead_letter_record, inbound_eve
 
 logger = logging.getLogger(__name__)
 
-# Losing the database is not the message's fault: wait for it, never dead-letter because of it.
-DATABASE_DOWN = (OperationalError, InterfaceError)
+# Losing the database is not the message's fault: wait for it, never dead-letter because of it. Only
+# connection-level errors count: any other server error is the message's, and ends in the DLQ.
+CONNECTION_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, InterfaceError):
+        return True
+    return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in CONNECTION_ERROR_CODES
 
 
 class EventConsumer:
@@ -62,7 +69,8 @@ class EventConsumer:
                     continue
                 self._handle(message)
                 # Only now is the message's effect (or its dead letter) durable: commit past it.
-                self._consumer.commit(message=message, asynchronous=True)
+                self._consumer.store_offsets(message=message)
+                self._consumer.commit(asynchronous=True)
                 handled += 1
                 idle_since = time.monotonic()
                 if max_messages is not None and handled >= max_messages:
@@ -93,9 +101,9 @@ class EventConsumer:
                 return
             except PoisonMessage as exc:
                 return self._dead_letter(raw, f"poison message: {exc}", attempts)
-            except DATABASE_DOWN:
-                raise  # only while stopping: leave the offset uncommitted, the message comes back
             except Exception as exc:
+                if database_unavailable(exc):
+                    raise  # only while stopping: leave the offset uncommitted, the message comes back
                 if attempts >= self.max_attempts:
                     return self._dead_letter(raw, f"handler failed: {exc!r}", attempts)
                 logger.warning("handler failed for %s[%d]@%d (attempt %d): %r",
@@ -107,16 +115,14 @@ class EventConsumer:
         while True:
             try:
                 return work()
-            except DATABASE_DOWN as exc:
-                if self.stopping:
+            except DatabaseError as exc:
+                if not database_unavailable(exc) or self.stopping:
+                    close_old_connections()
                     raise
                 logger.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
                 connection.close()
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-            except DatabaseError:
-                close_old_connections()
-                raise
 
     def _dead_letter(self, raw: RawMessage, error: str, attempts: int) -> None:
         record = self._until_database_answers(
@@ -144,10 +150,13 @@ class EventConsumer:
             ("dlq.consumerGroup", self.group_id.encode()),
             ("dlq.failedAt", datetime.now(timezone.utc).isoformat().encode()),
         ]
-        self._dlq_producer.produce(
-            self.dlq_topic, key=raw.key, value=raw.value, headers=headers,
-            on_delivery=lambda err, _msg: outcome.append(err),
-        )
+        try:
+            self._dlq_producer.produce(
+                self.dlq_topic, key=raw.key, value=raw.value, headers=headers,
+                on_delivery=lambda err, _msg: outcome.append(err),
+            )
+        except (kafka.KafkaException, BufferError) as exc:  # refused locally (too large, queue full)
+            outcome.append(exc)
         self._dlq_producer.flush(15)
         if outcome and outcome[0] is None:
             return True

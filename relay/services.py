@@ -312,7 +312,8 @@ def _dead_letter(exhausted: list[tuple[Claimed, kafka.Delivery]]) -> None:
                 attempts=row.attempts + 1, status=FailedEvent.Status.DLQ_PENDING, failed_at=failed_at,
             )
         )
-    FailedEvent.objects.bulk_create(records)
+    for record in records:
+        record.save()  # one by one: MySQL (unlike MariaDB) returns no ids from a bulk insert
     _publish_dead_letters(records)
 
 
@@ -329,7 +330,8 @@ def dead_letter_message(failed: FailedEvent, *, omit_value: bool = False) -> kaf
     return kafka.Message(
         topic=settings.OUTBOX_DLQ_TOPIC,
         key=failed.aggregate_id.encode(),
-        value=b"" if omit_value else json.dumps(failed.payload, separators=(",", ":")).encode(),
+        # json.dumps' default separators: the bytes the relay published (Django stores the payload that way).
+        value=b"" if omit_value else json.dumps(failed.payload).encode(),
         headers=[(k, str(v).encode()) for k, v in headers.items()],
     )
 

@@ -207,3 +207,25 @@ def test_projection_built_from_events_equals_the_truth_from_the_orders_table(api
         }
         projected = api.get(f"/api/customers/{customer}/stats/").json()
         assert projected == {"customer_id": customer, **truth}
+
+
+def test_a_server_error_caused_by_the_message_is_dead_lettered_not_retried_forever(broker, topic, dlq):
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers("TestServerError"))
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers())
+
+    consumer = consume(topic, dlq, expect=2, max_attempts=2)
+
+    assert consumer.stats == {"applied": 1, "duplicates": 0, "dead_lettered": 1}
+    assert "Incorrect decimal value" in ConsumerDeadLetter.objects.get().error
+
+
+def test_only_connection_errors_count_as_the_database_being_down():
+    from django.db import InterfaceError, OperationalError
+
+    from inbox.consumer import database_unavailable
+
+    assert database_unavailable(OperationalError(2006, "MySQL server has gone away"))
+    assert database_unavailable(OperationalError(2013, "Lost connection to server during query"))
+    assert database_unavailable(InterfaceError(0, ""))
+    assert not database_unavailable(OperationalError(1366, "Incorrect decimal value"))
+    assert not database_unavailable(ValueError("not a database error"))

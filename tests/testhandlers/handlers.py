@@ -35,3 +35,11 @@ def crash_after_commit(payload: dict, headers: dict) -> None:
     if marker.exists():
         marker.unlink()
         transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
+@handles("TestServerError")
+def server_error(payload: dict, headers: dict) -> None:
+    """A server error that is the message's fault (not a lost connection): it must end in the DLQ."""
+    from django.db import OperationalError
+
+    raise OperationalError(1366, "Incorrect decimal value")
