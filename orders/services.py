@@ -91,14 +91,17 @@ def idempotent_call(
     claim, stored_answer = _idempotency_claim(owner=owner, key=key, fingerprint=fingerprint)
     if stored_answer is not None:
         return stored_answer
+    ours = IdempotencyKey.objects.filter(pk=claim.pk, created_at=claim.created_at, response_status__isnull=True)
     try:
         with transaction.atomic():
             status, body = call()
-            IdempotencyKey.objects.filter(pk=claim.pk).update(response_status=status, response_body=body)
+            if not ours.update(response_status=status, response_body=body):
+                # A retry took the key over while this request was too slow: its answer wins, ours rolls back.
+                raise OrderError("a request with this Idempotency-Key is still in flight", status=409)
         return status, body
     except BaseException:
         # The work did not commit: free the key so the client's retry runs it.
-        IdempotencyKey.objects.filter(pk=claim.pk, response_status__isnull=True).delete()
+        ours.delete()
         raise
 
 
@@ -113,10 +116,12 @@ def _idempotency_claim(*, owner, key: str, fingerprint: str) -> tuple[Idempotenc
         raise OrderError("Idempotency-Key was already used with a different request body", status=422)
     if existing.response_status is not None:
         return None, (existing.response_status, existing.response_body)
-    stale_before = timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_KEY_STALE_AFTER)
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=settings.IDEMPOTENCY_KEY_STALE_AFTER)
     taken_over = existing.created_at < stale_before and IdempotencyKey.objects.filter(
         pk=existing.pk, response_status__isnull=True, created_at=existing.created_at
-    ).update(created_at=timezone.now())
+    ).update(created_at=now)
     if taken_over:
+        existing.created_at = now
         return existing, None
     raise OrderError("a request with this Idempotency-Key is still in flight", status=409)

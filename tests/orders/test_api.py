@@ -2,6 +2,7 @@ import json
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -190,3 +191,31 @@ def test_total_is_computed_by_the_server():
     items = [services.ItemInput(sku="A", quantity=3, unit_price=Decimal("0.10")),
              services.ItemInput(sku="B", quantity=1_000_000, unit_price=Decimal("99999999.99"))]
     assert services.order_total(items=items) == Decimal("99999999990000.30")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_whose_key_was_taken_over_rolls_back_and_frees_nothing_of_the_retry(api, user, monkeypatch):
+    """The first request ran past IDEMPOTENCY_KEY_STALE_AFTER and a retry took its key: the first must not commit."""
+    import threading
+
+    from django.db import connection
+
+    real_create = services.order_create
+
+    def retry_takes_the_key_over():  # on its own connection, committed, as a concurrent request would
+        IdempotencyKey.objects.filter(owner=user, key="k-1").update(created_at=timezone.now())
+        connection.close()
+
+    def slow_create(**kwargs):
+        order = real_create(**kwargs)
+        takeover = threading.Thread(target=retry_takes_the_key_over)
+        takeover.start()
+        takeover.join()
+        return order
+
+    monkeypatch.setattr(services, "order_create", slow_create)
+    response = api.post("/api/orders/", ORDER, format="json", HTTP_IDEMPOTENCY_KEY="k-1")
+
+    assert response.status_code == 409
+    assert counts() == (0, 0, 0)
+    assert IdempotencyKey.objects.filter(key="k-1").exists()  # the retry's claim is left alone
