@@ -31,7 +31,7 @@ def raw_producer(n_expected: int) -> int:
 
     with transaction.atomic():
         rows = _claim(now=timezone.now(), batch_size=n_expected)
-    messages = [row.message(settings.OUTBOX_TOPIC_PREFIX + row.aggregate_type) for row in rows]
+    messages = [row.message() for row in rows]
     with Timer() as t:
         for start in range(0, len(messages), 1000):
             deliveries = kafka.publish(messages[start:start + 1000], timeout=30)

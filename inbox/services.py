@@ -1,8 +1,8 @@
 """Apply each event once per consumer group: the dedupe record and the handler's writes commit together."""
 
 import json
-import uuid
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 

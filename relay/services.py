@@ -57,18 +57,12 @@ class Claimed:
             "occurredAt": self.occurred_at.isoformat() + "+00:00",
         }
 
-    def message(self, topic: str) -> kafka.Message:
+    def message(self) -> kafka.Message:
         return kafka.Message(
-            topic=topic,
+            topic=self.topic,
             key=self.aggregate_id.encode(),
             value=self.payload.encode(),
-            headers=[
-                ("id", self.event_id.encode()),
-                ("eventType", self.event_type.encode()),
-                ("aggregateType", self.aggregate_type.encode()),
-                ("aggregateId", self.aggregate_id.encode()),
-                ("occurredAt", (self.occurred_at.isoformat() + "+00:00").encode()),
-            ],
+            headers=[(name, value.encode()) for name, value in self.headers().items()],
         )
 
 
@@ -158,10 +152,7 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
             return result
         ready, held = _split_by_aggregate_order(rows, now=now)
         result.held = len(held)
-        prefix = settings.OUTBOX_TOPIC_PREFIX
-        deliveries = kafka.publish(
-            [row.message(prefix + row.aggregate_type) for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT
-        )
+        deliveries = kafka.publish([row.message() for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
         acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
         failed = [(row, d) for row, d in zip(ready, deliveries) if not d.ok]
         _mark_sent(acked, now=timezone.now())
