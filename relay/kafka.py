@@ -168,6 +168,19 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
     return deliveries
 
 
+def producer_warm_up() -> None:
+    """Build this process's producer and fetch the outbox topics' metadata in a background thread."""
+
+    def warm_up() -> None:
+        try:
+            kafka = producer.get()
+            kafka.list_topics(timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+        except Exception as exc:  # the relay runs will report a broker that stays unreachable
+            logger.info("Kafka producer warm-up did not finish: %s", exc)
+
+    threading.Thread(target=warm_up, name="kafka-producer-warm-up", daemon=True).start()
+
+
 def broker_metadata_reachable(*, timeout: float) -> None:
     """Raise unless a broker answers a metadata request within timeout seconds."""
     from confluent_kafka.admin import AdminClient

@@ -9,7 +9,9 @@ never lost.
 import json
 import logging
 import random
+import threading
 import time
+from contextlib import contextmanager
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -144,9 +146,9 @@ def _add(a: BatchResult, b: BatchResult) -> BatchResult:
 def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
     batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
     result = BatchResult()
-    with transaction.atomic():
+    with transaction.atomic(), _in_flight.claiming() as claim:
         now = timezone.now()
-        rows = _claim(now=now, batch_size=batch_size)
+        rows = claim(now=now, batch_size=batch_size)
         result.claimed = len(rows)
         if not rows:
             return result
@@ -172,11 +174,41 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
     return result
 
 
-def _claim(*, now: datetime, batch_size: int) -> list[Claimed]:
+class _InFlight:
+    """The id ranges this process's lanes hold locked. A lane's claim skips the others' ranges instead of
+    walking their locked rows one by one (SKIP LOCKED still tries each). Rows in a skipped range that the
+    other lane did not take are claimed once its batch ends: this only saves work, ordering does not
+    depend on it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ranges: dict[int, tuple[int, int]] = {}
+
+    @contextmanager
+    def claiming(self):
+        me = threading.get_ident()
+        def claim(**kwargs):
+            with self._lock:
+                rows = _claim(skip_ranges=[r for t, r in self._ranges.items() if t != me], **kwargs)
+                if rows:
+                    self._ranges[me] = (rows[0].id, rows[-1].id)
+            return rows
+        try:
+            yield claim
+        finally:
+            with self._lock:
+                self._ranges.pop(me, None)
+
+
+_in_flight = _InFlight()
+
+
+def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]] = ()) -> list[Claimed]:
+    skip = "".join(f" AND id NOT BETWEEN {low} AND {high}" for low, high in skip_ranges)
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
-            f"FROM {TABLE} WHERE status = 'pending' AND available_at <= %s "
+            f"FROM {TABLE} WHERE status = 'pending' AND available_at <= %s{skip} "
             f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
             [_db_time(now), batch_size],
         )
@@ -380,19 +412,56 @@ def _context(row: Claimed, attempt: int) -> dict:
 
 
 def relay_wake() -> None:
-    """Called after a commit that wrote events: queue one relay run unless one is already queued.
+    """Called after a commit that wrote events: queue a relay run unless one is queued or following.
 
-    The flag is cleared by the run before it claims, so an event committed after that queues a new run;
-    its TTL and the task's expiry keep runs from piling up in Redis while no worker is up.
+    The flag says "a relay will claim after your commit": a queued run, or a run that keeps following new
+    commits (relay_follow). Its TTL and the task's expiry keep runs from piling up while no worker is up.
     """
     from .tasks import relay_outbox
 
     try:
-        if _redis().set(WAKE_KEY, "1", nx=True, px=int(settings.OUTBOX_WAKE_EXPIRES * 1000)):
-            relay_outbox.apply_async(expires=settings.OUTBOX_WAKE_EXPIRES)
+        if _redis().set(WAKE_KEY, "1", nx=True, px=_wake_ttl_ms()):
+            relay_outbox.apply_async(kwargs={"woken": True}, expires=settings.OUTBOX_WAKE_EXPIRES)
     except Exception:
         # The commit is done; beat's poll picks the event up within OUTBOX_POLL_INTERVAL.
         logger.warning("could not wake the relay; the next poll will publish", exc_info=True)
+
+
+def relay_follow() -> BatchResult:
+    """The woken relay run: publish, then keep claiming every OUTBOX_WAKE_LINGER seconds while commits keep
+    coming, holding the wake flag so that those commits queue no further runs (under load, one run serves
+    many commits and claims several events at a time instead of one task per commit).
+
+    After a claim that finds nothing it releases the flag and claims once more: a commit that saw the flag
+    still held queued nothing, and that last claim publishes it.
+    """
+    deadline = time.monotonic() + settings.OUTBOX_RUN_BUDGET
+    total = BatchResult()
+    hold_until = 0.0
+    try:
+        while True:
+            if time.monotonic() >= hold_until:  # refreshed well before its TTL, not on every claim
+                _wake_flag_hold()
+                hold_until = time.monotonic() + settings.OUTBOX_WAKE_EXPIRES / 3
+            batch = relay_run(budget=max(0.0, deadline - time.monotonic()))
+            total = _add(total, batch)
+            if batch.sent == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(settings.OUTBOX_WAKE_LINGER)
+    finally:
+        relay_wake_clear()  # also when a run failed: the next commit wakes a new run
+    return _add(total, relay_run(budget=max(0.0, deadline - time.monotonic())))
+
+
+def _wake_flag_hold() -> None:
+    try:
+        _redis().set(WAKE_KEY, "1", px=_wake_ttl_ms())
+    except Exception:
+        logger.warning("could not hold the relay wake flag", exc_info=True)
+
+
+def _wake_ttl_ms() -> int:
+    return int(settings.OUTBOX_WAKE_EXPIRES * 1000)
 
 
 def relay_wake_clear() -> None:

@@ -5,11 +5,14 @@ from . import services
 
 
 @shared_task(ignore_result=True)
-def relay_outbox() -> None:
+def relay_outbox(woken: bool = False) -> None:
+    """Beat's poll (a plain run) or the on-commit wake-up (a run that follows commits while they come)."""
     if not settings.OUTBOX_RELAY_ENABLED:
         return
-    services.relay_wake_clear()
-    services.relay_run()
+    if woken:
+        services.relay_follow()
+    else:
+        services.relay_run()
 
 
 @shared_task(ignore_result=True)

@@ -1,0 +1,131 @@
+"""The on-commit wake-up: one queued run per quiet period, a woken run that follows commits, no lost wake-up."""
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import transaction
+
+from outbox.models import OutboxEvent
+from outbox.services import outbox_enqueue
+from relay import kafka, services, tasks
+from tests.kafka_tools import read_topic, wait_for
+
+TOPIC = "outbox.event.order"
+
+
+@pytest.fixture
+def flag():
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.delete(services.WAKE_KEY)
+    yield client
+    client.delete(services.WAKE_KEY)
+
+
+@pytest.fixture
+def queued(monkeypatch):
+    """Runs queued by wake-ups, recorded instead of sent to a worker."""
+    calls = []
+    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def commit_event(aggregate_id: str, event_type: str = "OrderCreated") -> OutboxEvent:
+    with transaction.atomic():
+        return outbox_enqueue(aggregate_type="order", aggregate_id=aggregate_id, event_type=event_type,
+                              payload={"order_id": aggregate_id})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_commits_queue_one_run_until_a_run_releases_the_flag(flag, queued):
+    for n in range(3):
+        commit_event(f"wake-{n}")
+    assert len(queued) == 1
+    assert queued[0]["kwargs"] == {"woken": True} and queued[0]["expires"] == settings.OUTBOX_WAKE_EXPIRES
+    assert 0 < flag.pttl(services.WAKE_KEY) <= settings.OUTBOX_WAKE_EXPIRES * 1000
+
+    services.relay_wake_clear()
+    commit_event("wake-3")
+    assert len(queued) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_transaction_wakes_nothing(flag, queued):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        outbox_enqueue(aggregate_type="order", aggregate_id="rolled-back", event_type="OrderCreated", payload={})
+        raise RuntimeError("the order write failed")
+    assert queued == [] and not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker, flag, queued, monkeypatch, settings):
+    settings.OUTBOX_WAKE_LINGER = 0.01
+    commit_event("follow-0")  # the commit that queued this run
+    assert len(queued) == 1
+    queued.clear()
+
+    # Commits land at fixed points of the run: before its 1st and 2nd claims, and after its last claim
+    # found nothing but before it released the flag (the lost-wake-up window).
+    real_run, real_clear = services.relay_run, services.relay_wake_clear
+    runs = []
+
+    def run_with_a_commit_before(**kwargs):
+        runs.append(kwargs)
+        if len(runs) <= 2:
+            commit_event(f"follow-{len(runs)}")
+        return real_run(**kwargs)
+
+    def clear_after_a_commit():
+        commit_event("follow-3")
+        real_clear()
+
+    monkeypatch.setattr(services, "relay_run", run_with_a_commit_before)
+    monkeypatch.setattr(services, "relay_wake_clear", clear_after_a_commit)
+
+    result = services.relay_follow()
+
+    assert queued == []  # every commit saw the flag held: no extra task
+    assert result.sent == 4
+    assert len(runs) == 4  # two with events, the empty claim that ends the following, the claim after release
+    assert not flag.exists(services.WAKE_KEY)
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {"sent"}
+    keys = {f"follow-{n}" for n in range(4)}
+    records = read_topic(broker.bootstrap, TOPIC, keys=keys, until=lambda rs: len(rs) >= 4)
+    assert {r.headers["id"] for r in records} == {str(e) for e in OutboxEvent.objects.values_list("event_id", flat=True)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_following_longer_than_the_flag_ttl_keeps_the_flag(broker, flag, queued, monkeypatch, settings):
+    settings.OUTBOX_WAKE_EXPIRES, settings.OUTBOX_WAKE_LINGER = 1.0, 0.2
+    commit_event("long-0")
+    queued.clear()
+    real_run = services.relay_run
+    runs = []
+
+    def run_with_a_commit_before(**kwargs):
+        runs.append(kwargs)
+        if len(runs) <= 10:  # about 2 s of following, twice the flag's TTL
+            commit_event(f"long-{len(runs)}")
+        return real_run(**kwargs)
+
+    monkeypatch.setattr(services, "relay_run", run_with_a_commit_before)
+    assert services.relay_follow().sent == 11
+    assert queued == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_woken_run_that_fails_releases_the_flag(flag, queued, monkeypatch):
+    commit_event("fails-0")
+
+    def database_gone(**kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "relay_run", database_gone)
+    with pytest.raises(RuntimeError):
+        services.relay_follow()
+    assert not flag.exists(services.WAKE_KEY)  # so the next commit queues a new run at once
+
+
+def test_worker_warm_up_builds_the_producer_in_the_background(broker):
+    kafka.producer.discard("fresh start for the test")
+    kafka.producer_warm_up()
+    wait_for(lambda: kafka.producer._producer is not None, timeout=10, message="producer built")
