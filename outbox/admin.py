@@ -39,7 +39,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 @admin.register(OutboxEvent)
 class OutboxEventAdmin(ReadOnlyAdmin):
     list_display = ["id", "event_type", "aggregate_type", "aggregate_id", "status", "attempts", "available_at",
-                    "created_age", "published_at", "kafka_partition", "kafka_offset"]
+                    "created_age", "published_at", "kafka_position"]
     list_filter = ["status", "event_type", "aggregate_type"]
     search_fields = ["=event_id", "=aggregate_id"]
     readonly_fields = ["payload_pretty"]

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from ops.metrics import OUTBOX_REQUEUED
 
-from .models import FailedEvent, OutboxEvent
+from .models import NOT_PUBLISHED, FailedEvent, OutboxEvent
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
 
 _INSERT = (
     f"INSERT INTO {OutboxEvent._meta.db_table} "
-    "(event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, available_at, status, attempts, last_error) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', 0, '')"
+    "(event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, available_at, "
+    "status, attempts, last_error, kafka_partition, kafka_offset) "
+    f"VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', 0, '', {NOT_PUBLISHED}, {NOT_PUBLISHED})"
 )
 
 

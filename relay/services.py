@@ -146,13 +146,14 @@ def _add(a: BatchResult, b: BatchResult) -> BatchResult:
 def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
     batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
     result = BatchResult()
-    with transaction.atomic(), _in_flight.claiming() as claim:
+    # The batch stays registered until after the commit: its rows are pending until then.
+    with _in_flight.claiming() as claim, transaction.atomic():
         now = timezone.now()
-        rows = claim(now=now, batch_size=batch_size)
+        rows, other_lanes = claim(now=now, batch_size=batch_size)
         result.claimed = len(rows)
         if not rows:
             return result
-        ready, held = _split_by_aggregate_order(rows, now=now)
+        ready, held = _split_by_aggregate_order(rows, other_lanes=other_lanes, now=now)
         result.held = len(held)
         deliveries = kafka.publish([row.message() for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
         acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
@@ -175,29 +176,36 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
 
 
 class _InFlight:
-    """The id ranges this process's lanes hold locked. A lane's claim skips the others' ranges instead of
-    walking their locked rows one by one (SKIP LOCKED still tries each). Rows in a skipped range that the
-    other lane did not take are claimed once its batch ends: this only saves work, ordering does not
-    depend on it."""
+    """The batches this process's lanes hold claimed (locked, not yet committed).
+
+    A lane's claim skips the other lanes' id ranges instead of walking their locked rows one by one (SKIP
+    LOCKED still visits each), and its ordering check looks at their rows in memory instead of in the
+    table. Rows in a skipped range that the other lane did not take are claimed once its batch commits.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._ranges: dict[int, tuple[int, int]] = {}
+        self._batches: dict[int, list[Claimed]] = {}
 
     @contextmanager
     def claiming(self):
+        """Yields claim(**kwargs) -> (rows, rows the other lanes hold); the batch is registered until exit."""
         me = threading.get_ident()
-        def claim(**kwargs):
+
+        def claim(**kwargs) -> tuple[list[Claimed], list[Claimed]]:
             with self._lock:
-                rows = _claim(skip_ranges=[r for t, r in self._ranges.items() if t != me], **kwargs)
+                others = [row for thread, rows in self._batches.items() if thread != me for row in rows]
+                ranges = [(rows[0].id, rows[-1].id) for thread, rows in self._batches.items() if thread != me]
+                rows = _claim(skip_ranges=ranges, **kwargs)
                 if rows:
-                    self._ranges[me] = (rows[0].id, rows[-1].id)
-            return rows
+                    self._batches[me] = rows
+            return rows, others
+
         try:
             yield claim
         finally:
             with self._lock:
-                self._ranges.pop(me, None)
+                self._batches.pop(me, None)
 
 
 _in_flight = _InFlight()
@@ -222,22 +230,65 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
     ]
 
 
-def _split_by_aggregate_order(rows: list[Claimed], *, now: datetime) -> tuple[list[Claimed], list[Claimed]]:
+def _split_by_aggregate_order(
+    rows: list[Claimed], *, other_lanes: list[Claimed], now: datetime
+) -> tuple[list[Claimed], list[Claimed]]:
     """Keep per-aggregate order: a row may go only if every earlier pending row of its aggregate goes with it.
 
     Rows of one aggregate in one batch share a key, hence a partition, and the idempotent producer keeps
     their order: a later one is never acknowledged unless the earlier ones were written, except past an
     earlier one refused for good, which is dead-lettered (then later events proceed, by design).
 
-    An earlier row can be in backoff, locked by another relay, or just not claimed. Rows held behind a
-    row in backoff are moved to its retry time, so claims stop picking them up until then.
+    An earlier row can be in another lane's batch, in backoff, locked by another relay, or just not
+    claimed. Rows held behind a row in backoff are moved to its retry time, so claims stop picking them up
+    until then.
     """
+    # Earliest pending row of each claimed aggregate that this batch did not claim (usually none), with
+    # the time it is due. The table is asked only when it holds other pending rows before this batch's
+    # last one; the other lanes' batches are known here.
+    first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
+    if _pending_rows_before(rows, other_lanes):
+        first_blocker = _first_blockers_in_table(rows)
+    for row in other_lanes:
+        key = (row.aggregate_type, row.aggregate_id)
+        known = first_blocker.get(key)
+        if known is None or row.id < known[0]:
+            first_blocker[key] = (row.id, now)  # due now: that lane is publishing it
+
+    blocked_until: dict[int, datetime | None] = {}
+    for row in rows:
+        blocker = first_blocker.get((row.aggregate_type, row.aggregate_id))
+        if blocker is not None and blocker[0] < row.id:
+            blocked_until[row.id] = blocker[1] if blocker[1] > now else None
+
+    ready = [row for row in rows if row.id not in blocked_until]
+    held = [row for row in rows if row.id in blocked_until]
+    by_time: dict[datetime, list[int]] = defaultdict(list)
+    for row_id, until in blocked_until.items():
+        if until is not None:
+            by_time[until].append(row_id)
+    for until, ids in by_time.items():
+        OutboxEvent.objects.filter(id__in=ids).update(available_at=until)
+    return ready, held
+
+
+def _pending_rows_before(rows: list[Claimed], other_lanes: list[Claimed]) -> bool:
+    """Whether a pending row other than these precedes the batch's last row (an index-only look-up)."""
+    known = ",".join(str(row.id) for row in (*rows, *other_lanes))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {TABLE} WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) LIMIT 1",
+            [rows[-1].id],
+        )
+        return cursor.fetchone() is not None
+
+
+def _first_blockers_in_table(rows: list[Claimed]) -> dict[tuple[str, str], tuple[int, datetime]]:
     claimed_ids = {row.id for row in rows}
     max_id = max(claimed_ids)
     ids_by_type: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         ids_by_type[row.aggregate_type].add(row.aggregate_id)
-    # Earliest pending row of each claimed aggregate that this batch did not claim (usually none).
     first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
     claimed_list = ",".join(str(i) for i in claimed_ids)
     with connection.cursor() as cursor:
@@ -256,22 +307,7 @@ def _split_by_aggregate_order(rows: list[Claimed], *, now: datetime) -> tuple[li
                 )
                 for aggregate_id, blocker_id in blockers:
                     first_blocker[(aggregate_type, aggregate_id)] = (blocker_id, available[blocker_id])
-
-    blocked_until: dict[int, datetime | None] = {}
-    for row in rows:
-        blocker = first_blocker.get((row.aggregate_type, row.aggregate_id))
-        if blocker is not None and blocker[0] < row.id:
-            blocked_until[row.id] = blocker[1] if blocker[1] > now else None
-
-    ready = [row for row in rows if row.id not in blocked_until]
-    held = [row for row in rows if row.id in blocked_until]
-    by_time: dict[datetime, list[int]] = defaultdict(list)
-    for row_id, until in blocked_until.items():
-        if until is not None:
-            by_time[until].append(row_id)
-    for until, ids in by_time.items():
-        OutboxEvent.objects.filter(id__in=ids).update(available_at=until)
-    return ready, held
+    return first_blocker
 
 
 def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:

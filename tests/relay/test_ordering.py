@@ -78,6 +78,23 @@ class TestBookkeeping:
         assert producer.events()[-2:] == [("1", "OrderCreated"), ("1", "OrderCancelled")]
         assert set(OutboxEvent.objects.values_list("status", flat=True)) == {"sent"}
 
+    def test_a_later_event_waits_while_an_earlier_one_is_in_another_lanes_batch(self):
+        created, cancelled = enqueue("5", "OrderCreated"), enqueue("5", "OrderCancelled")
+        other = enqueue("6", "OrderCreated")
+        with transaction.atomic():
+            now = timezone.now()
+            rows = {row.id: row for row in services._claim(now=now, batch_size=10)}
+            # Another lane of this process holds the Created row: known in memory, no table look-up needed.
+            ready, held = services._split_by_aggregate_order(
+                [rows[cancelled.id], rows[other.id]], other_lanes=[rows[created.id]], now=now)
+            assert [r.id for r in ready] == [other.id] and [r.id for r in held] == [cancelled.id]
+            # The same without the lane's word for it: the table says the Created row is still pending.
+            ready, held = services._split_by_aggregate_order(
+                [rows[cancelled.id], rows[other.id]], other_lanes=[], now=now)
+            assert [r.id for r in ready] == [other.id] and [r.id for r in held] == [cancelled.id]
+        cancelled.refresh_from_db()
+        assert cancelled.available_at <= timezone.now()  # held for the next claim, not parked
+
     def test_non_retriable_error_dead_letters_at_once_then_later_events_proceed(self, producer):
         producer.failing["1", "OrderCreated"] = TOO_LARGE
         enqueue("1", "OrderCreated")
