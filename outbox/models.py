@@ -58,7 +58,7 @@ class OutboxEvent(models.Model):
 
     @property
     def kafka_position(self) -> str | None:
-        if self.kafka_offset == NOT_PUBLISHED:
+        if self.kafka_offset in (NOT_PUBLISHED, None):  # None: a row written by code from before -1
             return None
         return f"partition {self.kafka_partition}, offset {self.kafka_offset}"
 

@@ -39,7 +39,7 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
         ])
         event.pk = cursor.lastrowid
     event.payload = json.loads(event.payload)
-    event._state.adding = False
+    event._state.adding, event._state.db = False, connection.alias
     if settings.OUTBOX_WAKE_ON_COMMIT:
         transaction.on_commit(_wake_relay)
     return event

@@ -169,7 +169,8 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
 
 
 def producer_warm_up() -> None:
-    """Build this process's producer and fetch the outbox topics' metadata in a background thread."""
+    """Build this process's producer in a background thread: it connects, gets its idempotent producer id
+    and the cluster's metadata (all topics: a one-off request per process)."""
 
     def warm_up() -> None:
         try:

@@ -33,6 +33,10 @@ WAKE_KEY = "outbox:relay:wake"
 RETRIABLE_DB_ERRORS = {1213, 1205}  # deadlock victim, lock wait timeout
 LATENCY_SAMPLES = 100
 TABLE = OutboxEvent._meta.db_table
+# Walked in id order, so a claim reads only the rows it takes. Forced: with few pending rows and the
+# extra id conditions, the optimizer was seen choosing another index and a filesort, which under
+# FOR UPDATE would lock every pending row it sorts.
+CLAIM_INDEX = "outbox_claim_idx"
 
 
 @dataclass
@@ -216,7 +220,7 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
-            f"FROM {TABLE} WHERE status = 'pending' AND available_at <= %s{skip} "
+            f"FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status = 'pending' AND available_at <= %s{skip} "
             f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
             [_db_time(now), batch_size],
         )
@@ -277,7 +281,8 @@ def _pending_rows_before(rows: list[Claimed], other_lanes: list[Claimed]) -> boo
     known = ",".join(str(row.id) for row in (*rows, *other_lanes))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id FROM {TABLE} WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) LIMIT 1",
+            f"SELECT id FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) "
+            f"WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) LIMIT 1",
             [rows[-1].id],
         )
         return cursor.fetchone() is not None
@@ -473,12 +478,9 @@ def relay_follow() -> BatchResult:
     """
     deadline = time.monotonic() + settings.OUTBOX_RUN_BUDGET
     total = BatchResult()
-    hold_until = 0.0
+    _wake_flag_hold()
     try:
         while True:
-            if time.monotonic() >= hold_until:  # refreshed well before its TTL, not on every claim
-                _wake_flag_hold()
-                hold_until = time.monotonic() + settings.OUTBOX_WAKE_EXPIRES / 3
             batch = relay_run(budget=max(0.0, deadline - time.monotonic()))
             total = _add(total, batch)
             if batch.sent == 0 or time.monotonic() >= deadline:
@@ -490,8 +492,12 @@ def relay_follow() -> BatchResult:
 
 
 def _wake_flag_hold() -> None:
+    # For longer than the following can take (its budget, then one batch's publish timeout), so the flag
+    # cannot lapse mid-run and let commits queue a second following run; a killed worker's flag lapses
+    # after that (beat's poll publishes meanwhile).
+    ttl = settings.OUTBOX_WAKE_EXPIRES + settings.OUTBOX_RUN_BUDGET + settings.OUTBOX_PUBLISH_TIMEOUT
     try:
-        _redis().set(WAKE_KEY, "1", px=_wake_ttl_ms())
+        _redis().set(WAKE_KEY, "1", px=int(ttl * 1000))
     except Exception:
         logger.warning("could not hold the relay wake flag", exc_info=True)
 

@@ -69,7 +69,7 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
     runs = []
 
     def run_with_a_commit_before(**kwargs):
-        runs.append(kwargs)
+        runs.append(flag.pttl(services.WAKE_KEY))
         if len(runs) <= 2:
             commit_event(f"follow-{len(runs)}")
         return real_run(**kwargs)
@@ -86,6 +86,9 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
     assert queued == []  # every commit saw the flag held: no extra task
     assert result.sent == 4
     assert len(runs) == 4  # two with events, the empty claim that ends the following, the claim after release
+    # While following, the flag outlives anything the run can take: it cannot lapse and let a second run in.
+    assert min(runs[:3]) > (settings.OUTBOX_RUN_BUDGET + settings.OUTBOX_PUBLISH_TIMEOUT) * 1000
+    assert runs[3] == -2  # released before the last claim
     assert not flag.exists(services.WAKE_KEY)
     assert set(OutboxEvent.objects.values_list("status", flat=True)) == {"sent"}
     keys = {f"follow-{n}" for n in range(4)}
@@ -94,7 +97,7 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_following_longer_than_the_flag_ttl_keeps_the_flag(broker, flag, queued, monkeypatch, settings):
+def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, flag, queued, monkeypatch, settings):
     settings.OUTBOX_WAKE_EXPIRES, settings.OUTBOX_WAKE_LINGER = 1.0, 0.2
     commit_event("long-0")
     queued.clear()
