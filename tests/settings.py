@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key")
+# A suite running beside another one (see TEST_DATABASE_NAME below) needs its own Redis db too: the relay's
+# wake flag and the test worker's queue live there. CELERY_BROKER_URL=redis://127.0.0.1:6379/12 make test
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 
 from project.settings import *  # noqa: E402,F403
