@@ -130,6 +130,9 @@ IDEMPOTENCY_KEY_STALE_AFTER = env_float("IDEMPOTENCY_KEY_STALE_AFTER", 30.0)
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# At least two: a woken relay run follows commits for up to OUTBOX_RUN_BUDGET in one process, and beat's
+# tasks must not wait behind it.
+CELERY_WORKER_CONCURRENCY = env_int("CELERY_WORKER_CONCURRENCY", max(2, os.cpu_count() or 1))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # Kafka. KAFKA_CONFIG is passed to producer and consumer as is (SASL, TLS, compression...);

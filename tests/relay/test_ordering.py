@@ -188,3 +188,39 @@ def test_a_batch_chosen_as_deadlock_victim_runs_again(producer, monkeypatch):
     assert services.relay_run(budget=1).sent == 1
     assert len(calls) == 2
     assert OutboxEvent.objects.get().status == "sent"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lane_claims_around_another_lanes_batch_and_holds_what_waits_on_it():
+    """Two lanes of one process: the second claims past the first's batch and knows that batch's rows."""
+    import threading
+
+    from django.db import connection
+
+    first_created = enqueue("L-1", "OrderCreated")
+    second_created = enqueue("L-2", "OrderCreated")
+    later_cancel = enqueue("L-1", "OrderCancelled")
+    claimed, second = threading.Event(), {}
+
+    def lane_two():
+        try:
+            claimed.wait(10)
+            with services._in_flight.claiming() as claim, transaction.atomic():
+                rows, other_lanes = claim(now=timezone.now(), batch_size=10)
+                second["rows"], second["other_lanes"] = [r.id for r in rows], [r.id for r in other_lanes]
+                ready, held = services._split_by_aggregate_order(rows, other_lanes=other_lanes, now=timezone.now())
+                second["held"] = [r.id for r in held]
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=lane_two)
+    thread.start()
+    with services._in_flight.claiming() as claim, transaction.atomic():
+        rows, other_lanes = claim(now=timezone.now(), batch_size=2)  # Created L-1, Created L-2
+        assert other_lanes == []
+        claimed.set()
+        thread.join(20)
+    assert [r.id for r in rows] == [first_created.id, second_created.id]
+    assert second["other_lanes"] == [r.id for r in rows]
+    assert second["rows"] == [later_cancel.id]
+    assert second["held"] == [later_cancel.id]  # its order's Created is in the other lane's batch
