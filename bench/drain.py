@@ -52,15 +52,29 @@ def relay_drain(batch_size: int) -> int:
 
 
 def explain_claim() -> str:
-    from relay.services import CLAIM_INDEX, TABLE
+    from django.utils import timezone
+
+    from relay.services import claim_sql
 
     with connection.cursor() as cursor:
         # The relay's claim, with another lane's id range skipped.
-        cursor.execute(f"EXPLAIN SELECT id FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status='pending' "
-                       f"AND available_at <= NOW() AND id NOT BETWEEN 1 AND 1000 "
-                       f"ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED")
+        cursor.execute("EXPLAIN " + claim_sql(skip_ranges=[(1, 1000)]),
+                       [connection.ops.adapt_datetimefield_value(timezone.now()), 1000])
         columns = [c[0] for c in cursor.description]
         return "; ".join(f"{dict(zip(columns, row))['key']} / {dict(zip(columns, row))['Extra']}" for row in cursor.fetchall())
+
+
+def claim_over_backoff_ms() -> float:
+    """One claim when every pending row is in backoff (a broker outage): what each poll costs then."""
+    from django.utils import timezone
+
+    from relay.services import TABLE, _claim
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {TABLE} SET status='pending', available_at = NOW(6) + INTERVAL 1 HOUR")
+    with Timer() as t, transaction.atomic():
+        assert _claim(now=timezone.now(), batch_size=1000) == []
+    return t.seconds * 1000
 
 
 def run(n: int, batch_sizes: list[int]) -> dict:
@@ -82,6 +96,7 @@ def run(n: int, batch_sizes: list[int]) -> dict:
         with Timer() as t:
             assert relay_drain(batch_size) == n
         results["relay_rate_by_batch"][batch_size] = n / t.seconds
+    results["claim_over_backoff_ms"] = claim_over_backoff_ms()
     return results
 
 

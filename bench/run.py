@@ -93,6 +93,8 @@ def report(results: dict) -> str:
         f"≥ {TARGETS['drain_vs_sql']} of raw SQL: {verdict(default_rate / d['raw_sql_rate'] >= TARGETS['drain_vs_sql'])})",
         "- relay by batch size: " + ", ".join(f"{b}: {r:,.0f}/s" for b, r in d["relay_rate_by_batch"].items())
         + f" (best: {best_batch})",
+        f"- one claim while all {d['events']:,} rows are in backoff (a broker outage; each poll pays it): "
+        f"**{d['claim_over_backoff_ms']:.0f} ms**",
     ]
     if h:
         wake, poll = h["wake_on_commit"], h["polling_only"]

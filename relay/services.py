@@ -215,15 +215,19 @@ class _InFlight:
 _in_flight = _InFlight()
 
 
-def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]] = ()) -> list[Claimed]:
+def claim_sql(*, skip_ranges: list[tuple[int, int]] = ()) -> str:
+    """The claim statement; parameters: now, batch size."""
     skip = "".join(f" AND id NOT BETWEEN {low} AND {high}" for low, high in skip_ranges)
+    return (
+        f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
+        f"FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status = 'pending' AND available_at <= %s{skip} "
+        f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+    )
+
+
+def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]] = ()) -> list[Claimed]:
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
-            f"FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status = 'pending' AND available_at <= %s{skip} "
-            f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-            [_db_time(now), batch_size],
-        )
+        cursor.execute(claim_sql(skip_ranges=skip_ranges), [_db_time(now), batch_size])
         rows = cursor.fetchall()
     return [
         Claimed(
