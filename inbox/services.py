@@ -10,6 +10,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from ops.db import delete_in_batches
+
 from .models import ConsumerDeadLetter, ProcessedEvent
 from .registry import handler_for
 
@@ -105,7 +107,4 @@ def processed_events_purge(*, older_than: timedelta | None = None, batch_size: i
     """
     older_than = older_than if older_than is not None else timedelta(days=settings.INBOX_RETENTION_DAYS)
     cutoff = timezone.now() - older_than
-    total = 0
-    while ids := list(ProcessedEvent.objects.filter(processed_at__lt=cutoff).values_list("id", flat=True)[:batch_size]):
-        total += ProcessedEvent.objects.filter(id__in=ids).delete()[0]
-    return total
+    return delete_in_batches(ProcessedEvent.objects.filter(processed_at__lt=cutoff), batch_size=batch_size)

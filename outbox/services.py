@@ -9,6 +9,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
+from ops.db import delete_in_batches
 from ops.metrics import OUTBOX_REQUEUED
 
 from .models import NOT_PUBLISHED, FailedEvent, OutboxEvent
@@ -98,7 +99,4 @@ def outbox_purge_sent(*, older_than: timedelta | None = None, batch_size: int | 
     old_sent = OutboxEvent.objects.filter(status=OutboxEvent.Status.SENT, published_at__lt=cutoff).exclude(
         failures__isnull=False  # requeued events keep their history
     )
-    total = 0
-    while ids := list(old_sent.values_list("id", flat=True)[:batch_size]):
-        total += OutboxEvent.objects.filter(id__in=ids).delete()[0]
-    return total
+    return delete_in_batches(old_sent, batch_size=batch_size)
