@@ -9,6 +9,7 @@ from outbox.models import OutboxEvent
 from outbox.services import outbox_enqueue
 from relay import kafka, services, tasks
 from tests.kafka_tools import read_topic, wait_for
+from tests.relay.test_ordering import enqueue
 
 TOPIC = "outbox.event.order"
 
@@ -29,22 +30,16 @@ def queued(monkeypatch):
     return calls
 
 
-def commit_event(aggregate_id: str, event_type: str = "OrderCreated") -> OutboxEvent:
-    with transaction.atomic():
-        return outbox_enqueue(aggregate_type="order", aggregate_id=aggregate_id, event_type=event_type,
-                              payload={"order_id": aggregate_id})
-
-
 @pytest.mark.django_db(transaction=True)
 def test_commits_queue_one_run_until_a_run_releases_the_flag(flag, queued):
     for n in range(3):
-        commit_event(f"wake-{n}")
+        enqueue(f"wake-{n}", "OrderCreated")
     assert len(queued) == 1
     assert queued[0]["kwargs"] == {"woken": True} and queued[0]["expires"] == settings.OUTBOX_WAKE_EXPIRES
     assert 0 < flag.pttl(services.WAKE_KEY) <= settings.OUTBOX_WAKE_EXPIRES * 1000
 
     services.relay_wake_clear()
-    commit_event("wake-3")
+    enqueue("wake-3", "OrderCreated")
     assert len(queued) == 2
 
 
@@ -59,7 +54,7 @@ def test_a_rolled_back_transaction_wakes_nothing(flag, queued):
 @pytest.mark.django_db(transaction=True)
 def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker, flag, queued, monkeypatch, settings):
     settings.OUTBOX_WAKE_LINGER = 0.01
-    commit_event("follow-0")  # the commit that queued this run
+    enqueue("follow-0", "OrderCreated")  # the commit that queued this run
     assert len(queued) == 1
     queued.clear()
 
@@ -71,11 +66,11 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
     def run_with_a_commit_before(**kwargs):
         runs.append(flag.pttl(services.WAKE_KEY))
         if len(runs) <= 2:
-            commit_event(f"follow-{len(runs)}")
+            enqueue(f"follow-{len(runs)}", "OrderCreated")
         return real_run(**kwargs)
 
     def clear_after_a_commit():
-        commit_event("follow-3")
+        enqueue("follow-3", "OrderCreated")
         real_clear()
 
     monkeypatch.setattr(services, "relay_run", run_with_a_commit_before)
@@ -99,7 +94,7 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
 @pytest.mark.django_db(transaction=True)
 def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, flag, queued, monkeypatch, settings):
     settings.OUTBOX_WAKE_EXPIRES, settings.OUTBOX_WAKE_LINGER = 1.0, 0.2
-    commit_event("long-0")
+    enqueue("long-0", "OrderCreated")
     queued.clear()
     real_run = services.relay_run
     runs = []
@@ -107,7 +102,7 @@ def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, f
     def run_with_a_commit_before(**kwargs):
         runs.append(kwargs)
         if len(runs) <= 10:  # about 2 s of following, twice the flag's TTL
-            commit_event(f"long-{len(runs)}")
+            enqueue(f"long-{len(runs)}", "OrderCreated")
         return real_run(**kwargs)
 
     monkeypatch.setattr(services, "relay_run", run_with_a_commit_before)
@@ -117,7 +112,7 @@ def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, f
 
 @pytest.mark.django_db(transaction=True)
 def test_a_woken_run_that_fails_releases_the_flag(flag, queued, monkeypatch):
-    commit_event("fails-0")
+    enqueue("fails-0", "OrderCreated")
 
     def database_gone(**kwargs):
         raise RuntimeError("database went away")
