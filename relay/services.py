@@ -198,12 +198,11 @@ class _InFlight:
 
         def claim(**kwargs) -> tuple[list[Claimed], list[Claimed]]:
             with self._lock:
-                others = [row for thread, rows in self._batches.items() if thread != me for row in rows]
-                ranges = [(rows[0].id, rows[-1].id) for thread, rows in self._batches.items() if thread != me]
-                rows = _claim(skip_ranges=ranges, **kwargs)
+                other_batches = [batch for thread, batch in self._batches.items() if thread != me]
+                rows = _claim(skip_ranges=[(batch[0].id, batch[-1].id) for batch in other_batches], **kwargs)
                 if rows:
                     self._batches[me] = rows
-            return rows, others
+            return rows, [row for batch in other_batches for row in batch]
 
         try:
             yield claim
@@ -465,7 +464,7 @@ def relay_wake() -> None:
     from .tasks import relay_outbox
 
     try:
-        if _redis().set(WAKE_KEY, "1", nx=True, px=_wake_ttl_ms()):
+        if _redis().set(WAKE_KEY, "1", nx=True, px=int(settings.OUTBOX_WAKE_EXPIRES * 1000)):
             relay_outbox.apply_async(kwargs={"woken": True}, expires=settings.OUTBOX_WAKE_EXPIRES)
     except Exception:
         # The commit is done; beat's poll picks the event up within OUTBOX_POLL_INTERVAL.
@@ -504,10 +503,6 @@ def _wake_flag_hold() -> None:
         _redis().set(WAKE_KEY, "1", px=int(ttl * 1000))
     except Exception:
         logger.warning("could not hold the relay wake flag", exc_info=True)
-
-
-def _wake_ttl_ms() -> int:
-    return int(settings.OUTBOX_WAKE_EXPIRES * 1000)
 
 
 def relay_wake_clear() -> None:
