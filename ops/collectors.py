@@ -7,6 +7,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from inbox.models import ConsumerDeadLetter
 from outbox.models import FailedEvent, OutboxEvent
+from outbox.selectors import failed_event_counts
 
 
 class DatabaseStateCollector:
@@ -18,7 +19,7 @@ class DatabaseStateCollector:
         age = (timezone.now() - pending["oldest"]).total_seconds() if pending["oldest"] else 0.0
         yield GaugeMetricFamily("outbox_oldest_pending_age_seconds", "Age of the oldest pending event", value=age)
         failed = GaugeMetricFamily("outbox_failed_events", "Failed events by status", labels=["status"])
-        counts = dict(FailedEvent.objects.values_list("status").annotate(n=Count("id")))
+        counts = failed_event_counts()
         for status in FailedEvent.Status.values:
             failed.add_metric([status], counts.get(status, 0))
         yield failed
