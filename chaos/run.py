@@ -200,18 +200,17 @@ class ChaosRun:
 
     # ------------------------------------------------------------------------------------------ faults
 
-    def fault_worker(self) -> str:
-        worker = self.procs["worker"]
-        worker.kill()
+    def _kill_and_restart(self, name: str) -> None:
+        self.procs[name].kill()
         time.sleep(3)
-        worker.start()
+        self.procs[name].start()
+
+    def fault_worker(self) -> str:
+        self._kill_and_restart("worker")
         return "Celery worker process group SIGKILLed, restarted after 3 s"
 
     def fault_consumer(self) -> str:
-        consumer = self.procs["consumer"]
-        consumer.kill()
-        time.sleep(3)
-        consumer.start()
+        self._kill_and_restart("consumer")
         return "consumer SIGKILLed, restarted after 3 s"
 
     def fault_database(self) -> str:
