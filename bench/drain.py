@@ -54,12 +54,13 @@ def relay_drain(batch_size: int) -> int:
 def explain_claim() -> str:
     from django.utils import timezone
 
+    from ops.db import db_datetime
     from relay.services import claim_sql
 
     with connection.cursor() as cursor:
         # The relay's claim, with another lane's id range skipped.
         cursor.execute("EXPLAIN " + claim_sql(skip_ranges=[(1, 1000)]),
-                       [connection.ops.adapt_datetimefield_value(timezone.now()), 1000])
+                       [db_datetime(timezone.now()), 1000])
         columns = [c[0] for c in cursor.description]
         return "; ".join(f"{dict(zip(columns, row))['key']} / {dict(zip(columns, row))['Extra']}" for row in cursor.fetchall())
 

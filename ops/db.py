@@ -1,6 +1,14 @@
 """Database helpers shared by the apps."""
 
+from datetime import datetime
+
+from django.db import connection
 from django.db.models import QuerySet
+
+
+def db_datetime(value: datetime):
+    """A datetime as a raw cursor's parameter (naive UTC on MySQL), as the ORM would send it."""
+    return connection.ops.adapt_datetimefield_value(value)
 
 
 def delete_in_batches(queryset: QuerySet, *, batch_size: int) -> int:

@@ -9,7 +9,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
-from ops.db import delete_in_batches
+from ops.db import db_datetime, delete_in_batches
 from ops.metrics import OUTBOX_REQUEUED
 
 from .models import NOT_PUBLISHED, FailedEvent, OutboxEvent
@@ -33,10 +33,10 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
     )
     # A plain INSERT rather than Model.save(): it runs in every write request, and the ORM's statement
     # building costs more CPU than the rest of the outbox write.
+    at = db_datetime(now)
     with connection.cursor() as cursor:
         cursor.execute(_INSERT, [
-            event.event_id.hex, event.aggregate_type, event.aggregate_id, event.event_type, event.payload,
-            _db_time(now), _db_time(now),
+            event.event_id.hex, event.aggregate_type, event.aggregate_id, event.event_type, event.payload, at, at,
         ])
         event.pk = cursor.lastrowid
     event.payload = json.loads(event.payload)
@@ -52,10 +52,6 @@ _INSERT = (
     "status, attempts, last_error, kafka_partition, kafka_offset) "
     f"VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', 0, '', {NOT_PUBLISHED}, {NOT_PUBLISHED})"
 )
-
-
-def _db_time(value):
-    return connection.ops.adapt_datetimefield_value(value)
 
 
 def _wake_relay() -> None:

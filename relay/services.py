@@ -23,6 +23,7 @@ from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from ops import metrics
+from ops.db import db_datetime
 from outbox.models import FailedEvent, OutboxEvent
 
 from . import kafka
@@ -226,7 +227,7 @@ def claim_sql(*, skip_ranges: list[tuple[int, int]] = ()) -> str:
 
 def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]] = ()) -> list[Claimed]:
     with connection.cursor() as cursor:
-        cursor.execute(claim_sql(skip_ranges=skip_ranges), [_db_time(now), batch_size])
+        cursor.execute(claim_sql(skip_ranges=skip_ranges), [db_datetime(now), batch_size])
         rows = cursor.fetchall()
     return [
         Claimed(
@@ -337,7 +338,7 @@ def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) ->
                 f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
                 f"kafka_partition = %s, kafka_offset = CASE id {offsets} END "
                 f"WHERE id IN ({','.join(str(row_id) for row_id, _ in rows)})",
-                [_db_time(now), partition],
+                [db_datetime(now), partition],
             )
 
 
@@ -527,7 +528,3 @@ def _uuid_text(value) -> str:
     if len(text) == 32:
         return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
     return text
-
-
-def _db_time(value: datetime):
-    return connection.ops.adapt_datetimefield_value(value)

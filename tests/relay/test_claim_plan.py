@@ -4,6 +4,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from ops.db import db_datetime
 from relay.services import CLAIM_INDEX, claim_sql
 from tests.relay.test_ordering import enqueue
 
@@ -15,7 +16,7 @@ def test_the_claim_walks_the_claim_index_without_a_filesort(skip_ranges):
         enqueue(f"plan-{n}", "OrderCreated")
     with connection.cursor() as cursor:
         cursor.execute("EXPLAIN " + claim_sql(skip_ranges=skip_ranges),
-                       [connection.ops.adapt_datetimefield_value(timezone.now()), 1000])
+                       [db_datetime(timezone.now()), 1000])
         columns = [c[0] for c in cursor.description]
         plan = [dict(zip(columns, row)) for row in cursor.fetchall()]
     assert len(plan) == 1
