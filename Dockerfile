@@ -13,7 +13,8 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt /tmp/requirements.txt
-RUN pip install -r /tmp/requirements.txt
+# The lock file: every package pinned with its hashes, nothing resolved at build time.
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt
 
 
 FROM ${PYTHON_IMAGE}

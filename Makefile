@@ -1,27 +1,34 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+# The lock files (*.txt) are compiled from the hand-edited lists (*.in): `make lock` after editing one.
+UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --python-version 3.11
 
-.PHONY: install run test bench chaos clean
+.PHONY: install lock run test bench chaos clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	scripts/system-deps
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-dev.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
+lock: install
+	$(UV_COMPILE) requirements.in -o requirements.txt
+	$(UV_COMPILE) requirements-dev.in -o requirements-dev.txt
+	$(UV_COMPILE) requirements-bench.in -o requirements-bench.txt
+
 run: install
 	scripts/run-dev
 
 test: install
-	scripts/test
+	scripts/test $(TEST_ARGS)
 
 bench: install
-	$(VENV)/bin/pip install --quiet -r requirements-bench.txt
+	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-bench.txt
 	command -v wrk >/dev/null || scripts/system-deps wrk
 	PYTHONPATH=. $(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 

@@ -40,6 +40,19 @@ if not SECRET_KEY:
     SECRET_KEY = "insecure-dev-only-key"
 ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1").split(",") if h]
 
+# DJANGO_HTTPS=1: the site is served over HTTPS (usually TLS ends at a proxy that sets X-Forwarded-Proto).
+# Plain HTTP is redirected, browsers are told to use HTTPS only, and cookies are sent over HTTPS only. Off by
+# default: API clients and probes inside a cluster often speak plain HTTP, and a redirect would break them.
+HTTPS = env_bool("DJANGO_HTTPS")
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    # Probes and scrapers call these over plain HTTP from inside the network.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -173,6 +186,7 @@ INBOX_RETENTION_DAYS = env_float("INBOX_RETENTION_DAYS", 30.0)
 # LOG_FORMAT: json (one object per line, with event_id, order_id and attempt on relay and consumer lines)
 # or plain (make run).
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "json")
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -181,7 +195,13 @@ LOGGING = {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    # Celery's lines for every task sent, received and finished: three a second from the relay's poll alone,
+    # which drown what matters. Shown with LOG_LEVEL=DEBUG.
+    "loggers": {
+        name: {"level": "DEBUG" if LOG_LEVEL == "DEBUG" else "WARNING"}
+        for name in ("celery.beat", "celery.worker.strategy", "celery.app.trace")
+    },
 }
 # Celery would replace the root logger's handlers with its own plain format.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

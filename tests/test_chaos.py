@@ -2,7 +2,8 @@
 
 The run has its own database (orders_chaos), Redis db (13) and broker, and starts and kills its own processes,
 so this test uses none of the pytest-django database fixtures. It takes about 1.5 to 2.5 minutes and restarts
-MariaDB once (other suites on the machine see that restart).
+MariaDB once: `make test` (scripts/test) runs it after the rest of the suite, alone, under a machine-wide lock
+that other `make test` runs of this project hold while their suite runs.
 """
 
 import os
@@ -30,6 +31,7 @@ def _forget_database_connections() -> None:
             connection.connection = None
 
 
+@pytest.mark.restarts_database
 def test_chaos_quick_run_loses_nothing_and_keeps_the_projection_exact():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the run configures its own processes

@@ -4,7 +4,9 @@ For every generated request, sent with a real user's token:
 - never a 5xx;
 - every 4xx is a JSON object (`Content-Type: application/json`);
 - a rejected request (status >= 400) leaves orders, order items and outbox events untouched;
-- a 2xx matches the documented response schema.
+- a 2xx matches the documented response schema, and a 201 wrote exactly the order it answers with;
+- valid requests succeed: every valid order without a reused Idempotency-Key answers 201 and writes one order,
+  its items and one OrderCreated event; every operation answers 2xx to some of its positive cases.
 """
 
 from decimal import Decimal
@@ -59,14 +61,27 @@ texts = st.one_of(
     st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
     st.text(st.sampled_from(AWKWARD), min_size=1, max_size=8),
 )
-valid_orders = st.fixed_dictionaries({
-    "customer_id": texts,
-    "items": st.lists(st.fixed_dictionaries({
-        "sku": texts,
-        "quantity": st.integers(1, 1_000_000),
-        "unit_price": st.decimals(0, "99999999.99", places=2).map(str),
-    }), min_size=1, max_size=20),
-})
+
+
+def _acceptable_text(value: str) -> bool:
+    # DRF trims whitespace (str.strip) before checking that a string is not blank, and refuses NUL characters.
+    return bool(value.strip()) and "\x00" not in value
+
+
+def orders(text: st.SearchStrategy) -> st.SearchStrategy:
+    return st.fixed_dictionaries({
+        "customer_id": text,
+        "items": st.lists(st.fixed_dictionaries({
+            "sku": text,
+            "quantity": st.integers(1, 1_000_000),
+            "unit_price": st.decimals(0, "99999999.99", places=2).map(str),
+        }), min_size=1, max_size=20),
+    })
+
+
+valid_orders = orders(texts)
+# Orders the README's validation rules accept: the API must answer each with 201.
+accepted_orders = orders(texts.filter(_acceptable_text))
 
 
 def counts() -> tuple[int, int, int]:
@@ -116,9 +131,24 @@ def _check(case, response, before: tuple[int, int, int]) -> None:
             assert after == before
         elif status == 201:  # an order: its items and one event, or an idempotent replay of one
             delta = tuple(a - b for a, b in zip(after, before))
-            assert delta in {(1, len(case.body["items"]), 1), (0, 0, 0)}, delta
+            replayed = "Idempotency-Key" in (case.headers or {}) and delta == (0, 0, 0)
+            assert replayed or delta == (1, len(case.body["items"]), 1), delta
+            _check_order_written(response.json(), created=not replayed)
         else:  # a cancel: one event
             assert after == (before[0], before[1], before[2] + 1)
+
+
+def _check_order_written(answer: dict, *, created: bool) -> None:
+    """The order in the database is the one the 201 describes, with its one OrderCreated event."""
+    order = Order.objects.get(pk=answer["id"])
+    assert (order.customer_id, str(order.total), order.status) == (answer["customer_id"], answer["total"], "created")
+    stored_items = [(i.sku, i.quantity, str(i.unit_price)) for i in order.items.order_by("id")]
+    assert stored_items == [(i["sku"], i["quantity"], i["unit_price"]) for i in answer["items"]]
+    events = OutboxEvent.objects.filter(aggregate_type="order", aggregate_id=str(order.pk))
+    assert [e.event_type for e in events] == ["OrderCreated"] or not created
+    created_event = events.get(event_type="OrderCreated")
+    assert created_event.payload["total"] == answer["total"]
+    assert created_event.payload["customer_id"] == answer["customer_id"]
 
 
 @pytest.mark.parametrize(
@@ -129,6 +159,7 @@ def _check(case, response, before: tuple[int, int, int]) -> None:
 def test_fuzzed_requests(schema, auth, seeded, method, path, mode):
     operation = schema[path][method]
     seen: set[int] = set()
+    valid_creates: list[int] = []
 
     @FUZZ
     @given(case=operation.as_strategy(generation_mode=mode), aim=st.data())
@@ -138,11 +169,19 @@ def test_fuzzed_requests(schema, auth, seeded, method, path, mode):
             case.path_parameters["order_id"] = aim.draw(st.sampled_from(seeded["order_ids"]), label="order_id")
         if "customer_id" in (case.path_parameters or {}) and aim.draw(st.booleans(), label="real customer"):
             case.path_parameters["customer_id"] = aim.draw(st.sampled_from(seeded["customer_ids"]))
+        valid_create = False
         if (method, path) == ("POST", "/api/orders/"):
-            if aim.draw(st.booleans(), label="valid order"):
-                case.body = aim.draw(valid_orders, label="body")
-            if aim.draw(st.booleans(), label="reused key"):  # replays (same body) and 422s (another body)
-                case.headers = {**(case.headers or {}), "Idempotency-Key": aim.draw(st.sampled_from(["k-1", "k-2"]))}
+            body = aim.draw(st.sampled_from(["generated", "near the contract", "accepted"]), label="body kind")
+            if body == "accepted":  # a plain create (no key that could replay an earlier answer): must be a 201
+                case.body = aim.draw(accepted_orders, label="body")
+                case.headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "idempotency-key"}
+                valid_create = True
+            else:
+                if body == "near the contract":
+                    case.body = aim.draw(valid_orders, label="body")
+                if aim.draw(st.booleans(), label="reused key"):  # replays (same body) and 422s (another body)
+                    case.headers = {**(case.headers or {}),
+                                    "Idempotency-Key": aim.draw(st.sampled_from(["k-1", "k-2"]))}
         try:
             resolve(unquote(case.formatted_path))
         except Resolver404:  # pragma: no cover - the schema's parameter constraints keep URLs routable
@@ -152,6 +191,13 @@ def test_fuzzed_requests(schema, auth, seeded, method, path, mode):
         response = case.call(headers=auth)
         seen.add(response.status_code)
         _check(case, response, before)
+        if valid_create:
+            assert response.status_code == 201, f"a valid order was refused ({response.status_code}): {response.text[:500]}"
+            valid_creates.append(response.status_code)
 
     run()
-    print(f"{method} {path} [{mode}]: statuses {sorted(seen)}")
+    print(f"{method} {path} [{mode}]: statuses {sorted(seen)}, valid creates {len(valid_creates)}")
+    if mode == POSITIVE:
+        assert any(200 <= status < 300 for status in seen), f"no generated request succeeded: {sorted(seen)}"
+    if (method, path) == ("POST", "/api/orders/"):
+        assert len(valid_creates) >= 3, f"only {len(valid_creates)} valid orders were sent"
