@@ -1,7 +1,8 @@
-"""The consume loop: poll, apply in one transaction, then commit the offset."""
+"""The consume loop: take a batch, apply it in one database transaction, then commit its offsets."""
 
 import logging
 import signal
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -12,13 +13,18 @@ from ops import metrics
 
 from . import kafka
 from .models import ConsumerDeadLetter
-from .services import PoisonMessage, RawMessage, dead_letter_record, inbound_event_apply, inbound_event_parse
+from .services import InboundEvent, PoisonMessage, RawMessage, dead_letter_record, inbound_event_parse, inbound_events_apply
 
 logger = logging.getLogger(__name__)
 
 # Losing the database is not the message's fault: wait for it, never dead-letter because of it. Only
 # connection-level errors count: any other server error is the message's, and ends in the DLQ.
 CONNECTION_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+# InnoDB chose the batch as a deadlock victim, or it waited too long for a lock another consumer of the group
+# held (a rebalance): nobody's fault, the batch runs again as a whole.
+LOCK_ERROR_CODES = {1205, 1213}
+LOCK_RETRIES = 3
+LAG_REPORT_INTERVAL = 5.0
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -27,17 +33,32 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in CONNECTION_ERROR_CODES
 
 
+def _lock_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in LOCK_ERROR_CODES
+
+
+def _raw(message: kafka.Message) -> RawMessage:
+    return RawMessage(
+        topic=message.topic(), partition=message.partition(), offset=message.offset(),
+        key=message.key(), value=message.value(), headers=list(message.headers() or []),
+    )
+
+
 class EventConsumer:
-    def __init__(self, *, group_id: str, topics: list[str], dlq_topic: str, max_attempts: int, backoff_base: float):
+    def __init__(self, *, group_id: str, topics: list[str], dlq_topic: str, max_attempts: int, backoff_base: float,
+                 batch_size: int = 500):
         self.group_id = group_id
         self.topics = topics
         self.dlq_topic = dlq_topic
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
+        self.batch_size = max(1, batch_size)
         self.stopping = False
-        self.stats = {"applied": 0, "duplicates": 0, "dead_lettered": 0}
+        self.stats = {"applied": 0, "duplicates": 0, "dead_lettered": 0, "batches": 0, "batch_fallbacks": 0}
         self._consumer = kafka.build_consumer(group_id=group_id)
         self._dlq_producer = None
+        self._revoked: set[tuple[str, int]] = set()
+        self._heartbeat = _Heartbeat(group_id)
 
     def stop(self, *_args) -> None:
         self.stopping = True
@@ -49,58 +70,109 @@ class EventConsumer:
     def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> dict:
         """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle)."""
         self._consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        self._heartbeat.start()
         handled = 0
         idle_since = time.monotonic()
         lag_reported = 0.0
         try:
             while not self.stopping:
-                if time.monotonic() - lag_reported > 5:
+                if time.monotonic() - lag_reported > LAG_REPORT_INTERVAL:
                     self._report_lag()
                     lag_reported = time.monotonic()
-                message = self._consumer.poll(0.5)
-                if message is None:
+                limit = self.batch_size if max_messages is None else min(self.batch_size, max_messages - handled)
+                messages = self._next_batch(limit)
+                if not messages:
                     if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                         break
                     continue
-                if message.error():
-                    if message.error().fatal():
-                        raise kafka.KafkaException(message.error())
-                    logger.warning("consumer: %s", message.error())
-                    continue
-                self._handle(message)
-                # Only now is the message's effect (or its dead letter) durable: commit past it.
-                self._consumer.store_offsets(message=message)
+                self._process(messages)
+                # Only now are the batch's effects (or its dead letters) durable: commit past them.
+                self._consumer.store_offsets(offsets=self._next_offsets(messages))
                 self._consumer.commit(asynchronous=True)
-                handled += 1
+                self._heartbeat.applied()
+                handled += len(messages)
                 idle_since = time.monotonic()
                 if max_messages is not None and handled >= max_messages:
                     break
         finally:
             self._commit_sync()
             self._consumer.close()
+            self._heartbeat.stop()
             if self._dlq_producer is not None:
                 self._dlq_producer.flush(10)
         return self.stats
 
-    def _handle(self, message: kafka.Message) -> None:
-        raw = RawMessage(
-            topic=message.topic(), partition=message.partition(), offset=message.offset(),
-            key=message.key(), value=message.value(), headers=list(message.headers() or []),
-        )
+    def _next_batch(self, limit: int) -> list[kafka.Message]:
+        """Wait (briefly) for one message, then take whatever else has already arrived, up to limit: a lone
+        event is applied at once, a backlog in batches."""
+        self._revoked.clear()
+        first = self._consumer.poll(0.5)
+        self._heartbeat.polled()
+        if first is None:
+            return []
+        messages = [first] + (self._consumer.consume(limit - 1, timeout=0) if limit > 1 else [])
+        batch = []
+        for message in messages:
+            if message.error():
+                if message.error().fatal():
+                    raise kafka.KafkaException(message.error())
+                logger.warning("consumer: %s", message.error())
+            elif (message.topic(), message.partition()) not in self._revoked:
+                batch.append(message)
+        # Messages of partitions revoked while the batch was taken belong to their new owner now (they were not
+        # applied, so nothing of them is committed here: the new owner reads them again).
+        return batch
+
+    @staticmethod
+    def _next_offsets(messages: list[kafka.Message]) -> list[kafka.TopicPartition]:
+        last: dict[tuple[str, int], int] = {}
+        for message in messages:
+            key = (message.topic(), message.partition())
+            last[key] = max(last.get(key, -1), message.offset())
+        return [kafka.TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+
+    def _process(self, messages: list[kafka.Message]) -> None:
+        self.stats["batches"] += 1
+        batch: list[tuple[InboundEvent, RawMessage]] = []
+        for message in messages:
+            raw = _raw(message)
+            try:
+                batch.append((inbound_event_parse(raw), raw))
+            except PoisonMessage as exc:
+                self._dead_letter(raw, f"poison message: {exc}", attempts=1)
+        if not batch:
+            return
+        try:
+            duplicates = self._apply(batch)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise  # only while stopping: nothing of the batch is committed, it comes back
+            # One message spoiled the batch: apply them one at a time, so that only that one is retried.
+            self.stats["batch_fallbacks"] += 1
+            logger.warning("a batch of %d events failed (%r); applying them one at a time", len(batch), exc,
+                           extra={"group": self.group_id})
+            for event, raw in batch:
+                self._apply_alone(event, raw)
+            return
+        self._count(applied=len(batch) - len(duplicates), duplicates=duplicates, batch=batch)
+
+    def _apply(self, batch: list[tuple[InboundEvent, RawMessage]]) -> list[InboundEvent]:
+        for attempt in range(1, LOCK_RETRIES + 1):
+            try:
+                return self._until_database_answers(lambda: inbound_events_apply(group_id=self.group_id, batch=batch))
+            except OperationalError as exc:
+                if not _lock_conflict(exc) or attempt == LOCK_RETRIES:
+                    raise
+                logger.info("batch rolled back (%s), running it again", exc.args[1])
+
+    def _apply_alone(self, event: InboundEvent, raw: RawMessage) -> None:
         attempts = 0
         while True:
             attempts += 1
             try:
-                event = inbound_event_parse(raw)
-                applied = self._until_database_answers(lambda: inbound_event_apply(group_id=self.group_id, event=event, raw=raw))
-                self.stats["applied" if applied else "duplicates"] += 1
-                (metrics.INBOX_PROCESSED if applied else metrics.INBOX_DUPLICATES).labels(self.group_id).inc()
-                if not applied:
-                    logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type,
-                                extra=self._context(raw, attempts, event.event_id))
+                duplicates = self._apply([(event, raw)])
+                self._count(applied=1 - len(duplicates), duplicates=duplicates, batch=[(event, raw)])
                 return
-            except PoisonMessage as exc:
-                return self._dead_letter(raw, f"poison message: {exc}", attempts)
             except Exception as exc:
                 if database_unavailable(exc):
                     raise  # only while stopping: leave the offset uncommitted, the message comes back
@@ -109,6 +181,17 @@ class EventConsumer:
                 logger.warning("handler failed for %s[%d]@%d (attempt %d): %r",
                                raw.topic, raw.partition, raw.offset, attempts, exc, extra=self._context(raw, attempts))
                 time.sleep(self.backoff_base * 2 ** (attempts - 1))
+
+    def _count(self, *, applied: int, duplicates: list[InboundEvent], batch: list[tuple[InboundEvent, RawMessage]]) -> None:
+        self.stats["applied"] += applied
+        self.stats["duplicates"] += len(duplicates)
+        metrics.INBOX_PROCESSED.labels(self.group_id).inc(applied)
+        if duplicates:
+            metrics.INBOX_DUPLICATES.labels(self.group_id).inc(len(duplicates))
+            raw_of = {id(event): raw for event, raw in batch}
+            for event in duplicates:
+                logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type,
+                            extra=self._context(raw_of[id(event)], 1, event.event_id))
 
     def _until_database_answers(self, work):
         delay = 0.5
@@ -174,19 +257,21 @@ class EventConsumer:
         }
 
     def _report_lag(self) -> None:
-        """Consumer lag per assigned partition, from the client's cached watermarks (no broker round trip)."""
+        """Consumer lag per assigned partition: the broker's high watermark (asked, not a cached value that goes
+        stale while nothing is fetched) minus the committed offset (what is durably applied)."""
         try:
-            for position in self._consumer.position(self._consumer.assignment()):
-                if position.offset < 0:
-                    continue
-                _, high = self._consumer.get_watermark_offsets(position, cached=True)
-                if high >= 0:
-                    metrics.INBOX_LAG.labels(self.group_id, position.topic, str(position.partition)).set(
-                        max(high - position.offset, 0))
+            assignment = self._consumer.assignment()
+            for committed in self._consumer.committed(assignment, timeout=2) if assignment else []:
+                low, high = self._consumer.get_watermark_offsets(committed, timeout=2, cached=False)
+                applied_up_to = committed.offset if committed.offset >= 0 else low
+                metrics.INBOX_LAG.labels(self.group_id, committed.topic, str(committed.partition)).set(
+                    max(high - applied_up_to, 0))
         except kafka.KafkaException as exc:
             logger.debug("lag not available: %s", exc)
 
     def _on_revoke(self, consumer, partitions) -> None:
+        # Commits what earlier batches applied; the batch being taken drops these partitions' messages.
+        self._revoked.update((p.topic, p.partition) for p in partitions)
         self._commit_sync()
 
     def _commit_sync(self) -> None:
@@ -199,6 +284,39 @@ class EventConsumer:
             pass  # consumer already closed
 
 
+class _Heartbeat:
+    """When the consumer last polled and last applied a batch, as gauges an alert can watch: timestamps, and
+    seconds since, refreshed by a thread of its own so that they keep growing while the loop is stuck."""
+
+    def __init__(self, group_id: str):
+        self.group_id = group_id
+        self._last_poll = self._last_applied = time.time()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name="inbox-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def polled(self) -> None:
+        self._last_poll = time.time()
+
+    def applied(self) -> None:
+        self._last_applied = time.time()
+
+    def _refresh(self) -> None:
+        while True:
+            now = time.time()
+            metrics.INBOX_LAST_POLL.labels(self.group_id).set(self._last_poll)
+            metrics.INBOX_LAST_APPLIED.labels(self.group_id).set(self._last_applied)
+            metrics.INBOX_SINCE_POLL.labels(self.group_id).set(now - self._last_poll)
+            metrics.INBOX_SINCE_APPLIED.labels(self.group_id).set(now - self._last_applied)
+            if self._stopped.wait(1.0):
+                return
+
+
 def consumer_from_settings() -> EventConsumer:
     return EventConsumer(
         group_id=settings.INBOX_GROUP_ID,
@@ -206,4 +324,5 @@ def consumer_from_settings() -> EventConsumer:
         dlq_topic=settings.INBOX_DLQ_TOPIC,
         max_attempts=settings.INBOX_MAX_ATTEMPTS,
         backoff_base=settings.INBOX_BACKOFF_BASE,
+        batch_size=settings.INBOX_BATCH_SIZE,
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from ops.db import delete_in_batches
@@ -68,19 +68,51 @@ def inbound_event_parse(raw: RawMessage) -> InboundEvent:
     return InboundEvent(event_id=event_id, event_type=event_type, payload=payload, headers=headers)
 
 
-def inbound_event_apply(*, group_id: str, event: InboundEvent, raw: RawMessage) -> bool:
-    """Apply the event unless this group already has. Returns False for a duplicate."""
+def inbound_events_apply(*, group_id: str, batch: list[tuple[InboundEvent, RawMessage]]) -> list[InboundEvent]:
+    """Apply, in one transaction, the events of `batch` (in offset order) that this group has not applied yet.
+
+    The ids already recorded are found in one query and the new ones recorded in one multi-row insert; an id
+    seen twice in the batch is applied once. Returns the duplicates that were skipped. A consumer of the same
+    group recording one of these ids meanwhile (a rebalance) makes the insert fail and the whole batch roll
+    back: run it again and that id is a duplicate.
+    """
     with transaction.atomic():
-        try:
-            with transaction.atomic():
-                ProcessedEvent.objects.create(
-                    group_id=group_id, event_id=event.event_id, event_type=event.event_type,
-                    topic=raw.topic, partition=raw.partition, offset=raw.offset,
-                )
-        except IntegrityError:
-            return False
-        handler_for(event.event_type)(event.payload, event.headers)
-    return True
+        recorded = set(
+            ProcessedEvent.objects.filter(group_id=group_id, event_id__in={event.event_id for event, _ in batch})
+            .values_list("event_id", flat=True)
+        )
+        new, duplicates, fresh = [], [], []
+        for event, raw in batch:
+            if event.event_id in recorded:
+                duplicates.append(event)
+                continue
+            recorded.add(event.event_id)
+            fresh.append(event)
+            new.append(ProcessedEvent(
+                group_id=group_id, event_id=event.event_id, event_type=event.event_type,
+                topic=raw.topic, partition=raw.partition, offset=raw.offset,
+            ))
+        ProcessedEvent.objects.bulk_create(new)
+        _run_handlers(fresh)
+    return duplicates
+
+
+def _run_handlers(events: list[InboundEvent]) -> None:
+    """Per-event handlers one by one; a batch handler gets each run of consecutive events it handles at once."""
+    run: list[InboundEvent] = []
+    run_handler = None
+    for event in events:
+        handler = handler_for(event.event_type)
+        if run and handler != run_handler:
+            run_handler.function(run)
+            run = []
+        if handler.batch:
+            run_handler = handler
+            run.append(event)
+        else:
+            handler.function(event.payload, event.headers)
+    if run:
+        run_handler.function(run)
 
 
 def dead_letter_record(*, group_id: str, raw: RawMessage, error: str, attempts: int, dlq_topic: str) -> ConsumerDeadLetter:

@@ -24,3 +24,14 @@ INBOX_DUPLICATES = Counter("inbox_duplicates_skipped", "Redelivered events skipp
 INBOX_DEAD_LETTERED = Counter("inbox_dead_lettered", "Messages the consumer dead-lettered", ["group"])
 INBOX_LAG = Gauge("inbox_consumer_lag", "Messages behind the partition's end", ["group", "topic", "partition"],
                   multiprocess_mode="max")
+# When the consumer last polled the broker and last applied a batch, and the seconds since (kept growing by a
+# thread of the consumer while its loop is stuck). Alert on seconds since polling, and on seconds since applying
+# while the lag is above zero (an idle topic applies nothing and is fine).
+INBOX_LAST_POLL = Gauge("inbox_last_poll_timestamp_seconds", "When the consumer last polled", ["group"],
+                        multiprocess_mode="max")
+INBOX_LAST_APPLIED = Gauge("inbox_last_applied_timestamp_seconds", "When the consumer last applied a batch",
+                           ["group"], multiprocess_mode="max")
+INBOX_SINCE_POLL = Gauge("inbox_seconds_since_last_poll", "Seconds since the consumer last polled", ["group"],
+                         multiprocess_mode="max")
+INBOX_SINCE_APPLIED = Gauge("inbox_seconds_since_last_applied", "Seconds since the consumer last applied a batch",
+                            ["group"], multiprocess_mode="max")

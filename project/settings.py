@@ -179,6 +179,8 @@ OUTBOX_PURGE_BATCH_SIZE = env_int("OUTBOX_PURGE_BATCH_SIZE", 1000)
 INBOX_GROUP_ID = os.environ.get("INBOX_GROUP_ID", "order-stats")
 INBOX_TOPICS = [t for t in os.environ.get("INBOX_TOPICS", "outbox.event.order").split(",") if t]
 INBOX_DLQ_TOPIC = os.environ.get("INBOX_DLQ_TOPIC", "order-stats.dlq")
+# Messages applied per database transaction; a batch takes what has arrived, it never waits to fill up.
+INBOX_BATCH_SIZE = env_int("INBOX_BATCH_SIZE", 500)
 INBOX_MAX_ATTEMPTS = env_int("INBOX_MAX_ATTEMPTS", 3)
 INBOX_BACKOFF_BASE = env_float("INBOX_BACKOFF_BASE", 0.5)
 INBOX_RETENTION_DAYS = env_float("INBOX_RETENTION_DAYS", 30.0)

@@ -1,29 +1,44 @@
-"""Projection of order events into per-customer stats. Runs inside the inbox's transaction."""
+"""Projection of order events into per-customer stats. Runs inside the inbox's transaction.
 
+A batch of events is folded into one change per customer, written by one multi-row upsert: a batch of 500
+events costs one statement, not a read and an update per event.
+"""
+
+from collections import defaultdict
 from decimal import Decimal
 
-from django.db.models import F
+from django.db import connection
+from django.utils import timezone
 
-from inbox.registry import handles
+from inbox.registry import handles_batch
+from inbox.services import InboundEvent
+from ops.db import db_datetime
 
 from .models import CustomerStats
 
-
-def _stats_for_update(customer_id: str) -> None:
-    CustomerStats.objects.get_or_create(customer_id=customer_id)
-
-
-@handles("OrderCreated")
-def order_created(payload: dict, headers: dict) -> None:
-    _stats_for_update(payload["customer_id"])
-    CustomerStats.objects.filter(customer_id=payload["customer_id"]).update(
-        orders_created=F("orders_created") + 1, total_spent=F("total_spent") + Decimal(payload["total"])
-    )
+_TABLE = connection.ops.quote_name(CustomerStats._meta.db_table)
+_UPSERT = (
+    f"INSERT INTO {_TABLE} (customer_id, orders_created, orders_cancelled, total_spent, updated_at) VALUES {{rows}} "
+    "ON DUPLICATE KEY UPDATE orders_created = orders_created + VALUES(orders_created), "
+    "orders_cancelled = orders_cancelled + VALUES(orders_cancelled), "
+    "total_spent = total_spent + VALUES(total_spent), updated_at = VALUES(updated_at)"
+)
 
 
-@handles("OrderCancelled")
-def order_cancelled(payload: dict, headers: dict) -> None:
-    _stats_for_update(payload["customer_id"])
-    CustomerStats.objects.filter(customer_id=payload["customer_id"]).update(
-        orders_cancelled=F("orders_cancelled") + 1, total_spent=F("total_spent") - Decimal(payload["total"])
-    )
+@handles_batch("OrderCreated", "OrderCancelled")
+def project_order_events(events: list[InboundEvent]) -> None:
+    changes: dict[str, list] = defaultdict(lambda: [0, 0, Decimal("0")])  # created, cancelled, total_spent
+    for event in events:
+        change = changes[event.payload["customer_id"]]
+        if event.event_type == "OrderCreated":
+            change[0] += 1
+            change[2] += Decimal(event.payload["total"])
+        else:
+            change[1] += 1
+            change[2] -= Decimal(event.payload["total"])
+    now = db_datetime(timezone.now())
+    # In key order, so that consumers of other partitions upserting the same customers lock them in one order.
+    rows = [(customer, *changes[customer], now) for customer in sorted(changes)]
+    with connection.cursor() as cursor:
+        cursor.execute(_UPSERT.format(rows=", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))),
+                       [value for row in rows for value in row])

@@ -5,7 +5,13 @@ from pathlib import Path
 from django.db import transaction
 
 from inbox.registry import handles
-from stats.handlers import order_created
+from inbox.services import InboundEvent
+from stats.handlers import project_order_events
+
+def order_created(payload: dict, headers: dict) -> None:
+    """What the stats projection does with an OrderCreated, through the per-event handler form."""
+    project_order_events([InboundEvent(event_id=headers["id"], event_type="OrderCreated", payload=payload, headers=headers)])
+
 
 # Per-process counters the in-process tests read.
 calls: dict[str, int] = {}
