@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -88,8 +89,9 @@ def test_same_event_delivered_twice_is_applied_once(broker, topic, dlq):
         (created(), {k: v for k, v in event_headers().items() if k != "id"}, "missing 'id'"),
         (created(), event_headers(event_type="OrderTeleported"), "no handler"),
         (b"[1, 2]", event_headers(), "not a JSON object"),
+        (created(), {k: v for k, v in event_headers().items() if k != "eventType"}, "missing 'eventType'"),
     ],
-    ids=["bad-json", "missing-id", "unknown-type", "not-an-object"],
+    ids=["bad-json", "missing-id", "unknown-type", "not-an-object", "missing-event-type"],
 )
 def test_poison_message_between_two_good_ones_goes_to_the_dlq_and_the_partition_moves_on(broker, topic, dlq, value, headers, error):
     produce(broker.bootstrap, topic, value=created(total="1.00"), headers=event_headers())
@@ -105,7 +107,59 @@ def test_poison_message_between_two_good_ones_goes_to_the_dlq_and_the_partition_
     (record,) = read_topic(broker.bootstrap, dlq, until=lambda rs: len(rs) >= 1)
     assert record.value == (value if isinstance(value, bytes) else json.dumps(value).encode())
     assert error in record.headers["dlq.error"]
+    assert {k: v for k, v in record.headers.items() if not k.startswith("dlq.")} == headers  # the original ones
     assert record.headers["dlq.originalTopic"] == topic and record.headers["dlq.originalOffset"] == "1"
+    assert record.headers["dlq.originalPartition"] == "0" and record.headers["dlq.attempts"] == "1"
+    assert record.headers["dlq.consumerGroup"] == consumer.group_id
+    assert datetime.fromisoformat(record.headers["dlq.failedAt"]).tzinfo is not None
+    assert record.key == "1"
+
+
+def test_duplicates_inside_one_batch_are_applied_once(broker, topic, dlq):
+    twice, thrice = event_headers(), event_headers()
+    for headers, total in ((twice, "1.00"), (thrice, "2.00"), (twice, "1.00"), (event_headers(), "4.00"),
+                           (thrice, "2.00"), (thrice, "2.00")):
+        produce(broker.bootstrap, topic, value=created(total=total), headers=headers)
+
+    consumer = consume(topic, dlq, expect=6)
+
+    assert consumer.stats["batches"] == 1  # all six were there when the consumer started: one transaction
+    assert outcome(consumer) == {"applied": 3, "duplicates": 3, "dead_lettered": 0}
+    assert (stats().orders_created, stats().total_spent) == (3, Decimal("7.00"))
+    assert list(ProcessedEvent.objects.order_by("id").values_list("offset", flat=True)) == [0, 1, 3]
+
+
+def test_a_failing_message_in_the_middle_of_a_batch_costs_only_itself(broker, topic, dlq):
+    test_handlers.calls.clear()
+    for n in range(3):
+        produce(broker.bootstrap, topic, value=created(total=f"{n + 1}.00"), headers=event_headers())
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers("TestBroken"))
+    for n in range(3):
+        produce(broker.bootstrap, topic, value=created(total=f"{n + 10}.00"), headers=event_headers())
+
+    consumer = consume(topic, dlq, expect=7, max_attempts=2)
+
+    assert consumer.stats["batches"] == 1 and consumer.stats["batch_fallbacks"] == 1
+    assert outcome(consumer) == {"applied": 6, "duplicates": 0, "dead_lettered": 1}
+    assert (stats().orders_created, stats().total_spent) == (6, Decimal("39.00"))  # each of the others once
+    # Applied one at a time, in offset order, around the one that failed.
+    assert list(ProcessedEvent.objects.order_by("id").values_list("offset", flat=True)) == [0, 1, 2, 4, 5, 6]
+    dead = ConsumerDeadLetter.objects.get()
+    assert (dead.offset, dead.attempts) == (3, 2)
+    assert test_handlers.calls["TestBroken"] == 1 + 2  # the batch's try, then its two attempts alone
+
+
+def test_an_unwritable_dlq_topic_keeps_the_dead_letter_in_the_database(broker, topic, caplog):
+    produce(broker.bootstrap, topic, value=b"{not json", headers=event_headers())
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers())
+
+    consumer = consume(topic, "no such topic: spaces are not allowed", expect=2)
+
+    assert outcome(consumer) == {"applied": 1, "duplicates": 0, "dead_lettered": 1}
+    dead = ConsumerDeadLetter.objects.get()
+    assert not dead.dlq_published and dead.offset == 0 and "not JSON" in dead.error
+    critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert critical and f"{topic}[0]@0" in critical[0].getMessage() and "kept in the database" in critical[0].getMessage()
 
 
 def test_transient_handler_failure_succeeds_on_retry(broker, topic, dlq):

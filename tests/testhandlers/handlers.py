@@ -1,5 +1,6 @@
 import os
 import signal
+import time
 from pathlib import Path
 
 from django.db import transaction
@@ -7,6 +8,7 @@ from django.db import transaction
 from inbox.registry import handles
 from inbox.services import InboundEvent
 from stats.handlers import project_order_events
+
 
 def order_created(payload: dict, headers: dict) -> None:
     """What the stats projection does with an OrderCreated, through the per-event handler form."""
@@ -49,3 +51,14 @@ def server_error(payload: dict, headers: dict) -> None:
     from django.db import OperationalError
 
     raise OperationalError(1366, "Incorrect decimal value")
+
+
+@handles("TestHold")
+def hold(payload: dict, headers: dict) -> None:
+    """Applies an OrderCreated, but first says it is here (creates payload["entered"]) and waits until the test
+    creates payload["release"] (at most a minute): a batch caught in the middle of its transaction."""
+    Path(payload["entered"]).touch()
+    deadline = time.monotonic() + 60
+    while not Path(payload["release"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    order_created(payload, headers)
