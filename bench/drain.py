@@ -26,7 +26,7 @@ def raw_sql_claim_and_mark(batch_size: int) -> int:
 def raw_producer(n_expected: int) -> int:
     """Produce the table's messages with the relay's producer settings, no database work."""
     from relay import kafka
-    from relay.services import _claim
+    from relay.claim import _claim
     from django.utils import timezone
 
     with transaction.atomic():
@@ -55,7 +55,7 @@ def explain_claim() -> str:
     from django.utils import timezone
 
     from ops.db import db_datetime
-    from relay.services import claim_sql
+    from relay.claim import claim_sql
 
     with connection.cursor() as cursor:
         # The relay's claim, with another lane's id range skipped.
@@ -69,7 +69,7 @@ def claim_over_backoff_ms() -> float:
     """One claim when every pending row is in backoff (a broker outage): what each poll costs then."""
     from django.utils import timezone
 
-    from relay.services import TABLE, _claim
+    from relay.claim import TABLE, _claim
 
     with connection.cursor() as cursor:
         cursor.execute(f"UPDATE {TABLE} SET status='pending', available_at = NOW(6) + INTERVAL 1 HOUR")

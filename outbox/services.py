@@ -12,6 +12,7 @@ from django.utils import timezone
 from ops.db import db_datetime, delete_in_batches
 from ops.metrics import OUTBOX_REQUEUED
 
+from .hooks import schedule_after_commit
 from .models import NOT_PUBLISHED, FailedEvent, OutboxEvent
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
     event.payload = json.loads(event.payload)
     event._state.adding, event._state.db = False, connection.alias
     if settings.OUTBOX_WAKE_ON_COMMIT:
-        transaction.on_commit(_wake_relay)
+        schedule_after_commit()
     return event
 
 
@@ -52,13 +53,6 @@ _INSERT = (
     "status, attempts, last_error, kafka_partition, kafka_offset) "
     f"VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', 0, '', {NOT_PUBLISHED}, {NOT_PUBLISHED})"
 )
-
-
-def _wake_relay() -> None:
-    # Imported here: the relay depends on the outbox, not the other way round at import time.
-    from relay.services import relay_wake
-
-    relay_wake()
 
 
 @transaction.atomic
@@ -83,7 +77,7 @@ def failed_event_requeue(*, failed_events, user) -> int:
         count += 1
     if count:
         OUTBOX_REQUEUED.inc(count)
-        transaction.on_commit(_wake_relay)
+        schedule_after_commit()
     return count
 
 

@@ -7,7 +7,12 @@ class RelayConfig(AppConfig):
     def ready(self):
         from celery.signals import worker_process_init, worker_process_shutdown
 
+        from outbox.hooks import register_after_commit
+
         from .kafka import producer, producer_warm_up
+        from .services import relay_wake
+
+        register_after_commit(relay_wake)  # a commit that wrote events wakes the relay
 
         @worker_process_init.connect(weak=False)
         def warm_up_producer(**kwargs):

@@ -15,7 +15,7 @@ import yaml
 from django.conf import settings
 
 from outbox.models import OutboxEvent
-from relay.services import Claimed
+from relay.claim import Claimed
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTOR = ROOT / "deploy" / "debezium" / "outbox-connector.json"

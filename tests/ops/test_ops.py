@@ -8,7 +8,7 @@ from ops.logging import JsonFormatter
 from outbox.models import OutboxEvent
 from relay.services import relay_publish_batch
 from tests.outbox.test_admin import staff_client
-from tests.relay.test_failures import ORDER, relay_until
+from tests.relay.helpers import ORDER, relay_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,7 +61,7 @@ def test_relay_log_lines_carry_event_order_and_attempt(api, broker_outage, fast_
     order_id = api.post("/api/orders/", ORDER, format="json").json()["id"]
     event = OutboxEvent.objects.get()
 
-    with caplog.at_level(logging.INFO, logger="relay.services"):
+    with caplog.at_level(logging.INFO, logger="relay.retries"):
         relay_publish_batch()
 
     (record,) = [r for r in caplog.records if r.getMessage().startswith("publish failed")]

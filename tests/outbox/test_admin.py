@@ -5,7 +5,7 @@ from django.test import Client
 
 from outbox.models import FailedEvent, OutboxEvent
 from tests.kafka_tools import high_watermarks, read_topic
-from tests.relay.test_failures import ORDER, TOPIC, relay_until
+from tests.relay.helpers import ORDER, TOPIC, relay_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_retries")]
 

@@ -7,19 +7,17 @@ from django.db import transaction
 
 from outbox.models import OutboxEvent
 from outbox.services import outbox_enqueue
-from relay import kafka, services, tasks
-from tests.kafka_tools import read_topic, wait_for
-from tests.relay.test_ordering import enqueue
-
-TOPIC = "outbox.event.order"
+from relay import tasks, wake
+from tests.kafka_tools import read_topic
+from tests.relay.helpers import TOPIC, enqueue
 
 
 @pytest.fixture
 def flag():
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.delete(services.WAKE_KEY)
+    client.delete(wake.WAKE_KEY)
     yield client
-    client.delete(services.WAKE_KEY)
+    client.delete(wake.WAKE_KEY)
 
 
 @pytest.fixture
@@ -36,9 +34,9 @@ def test_commits_queue_one_run_until_a_run_releases_the_flag(flag, queued):
         enqueue(f"wake-{n}", "OrderCreated")
     assert len(queued) == 1
     assert queued[0]["kwargs"] == {"woken": True} and queued[0]["expires"] == settings.OUTBOX_WAKE_EXPIRES
-    assert 0 < flag.pttl(services.WAKE_KEY) <= settings.OUTBOX_WAKE_EXPIRES * 1000
+    assert 0 < flag.pttl(wake.WAKE_KEY) <= settings.OUTBOX_WAKE_EXPIRES * 1000
 
-    services.relay_wake_clear()
+    wake.relay_wake_clear()
     enqueue("wake-3", "OrderCreated")
     assert len(queued) == 2
 
@@ -60,11 +58,11 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
 
     # Commits land at fixed points of the run: before its 1st and 2nd claims, and after its last claim
     # found nothing but before it released the flag (the lost-wake-up window).
-    real_run, real_clear = services.relay_run, services.relay_wake_clear
+    real_run, real_clear = wake.relay_run, wake.relay_wake_clear
     runs = []
 
     def run_with_a_commit_before(**kwargs):
-        runs.append(flag.pttl(services.WAKE_KEY))
+        runs.append(flag.pttl(wake.WAKE_KEY))
         if len(runs) <= 2:
             enqueue(f"follow-{len(runs)}", "OrderCreated")
         return real_run(**kwargs)
@@ -73,10 +71,10 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
         enqueue("follow-3", "OrderCreated")
         real_clear()
 
-    monkeypatch.setattr(services, "relay_run", run_with_a_commit_before)
-    monkeypatch.setattr(services, "relay_wake_clear", clear_after_a_commit)
+    monkeypatch.setattr(wake, "relay_run", run_with_a_commit_before)
+    monkeypatch.setattr(wake, "relay_wake_clear", clear_after_a_commit)
 
-    result = services.relay_follow()
+    result = wake.relay_follow()
 
     assert queued == []  # every commit saw the flag held: no extra task
     assert result.sent == 4
@@ -84,7 +82,7 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
     # While following, the flag outlives anything the run can take: it cannot lapse and let a second run in.
     assert min(runs[:3]) > (settings.OUTBOX_RUN_BUDGET + settings.OUTBOX_PUBLISH_TIMEOUT) * 1000
     assert runs[3] == -2  # released before the last claim
-    assert not flag.exists(services.WAKE_KEY)
+    assert not flag.exists(wake.WAKE_KEY)
     assert set(OutboxEvent.objects.values_list("status", flat=True)) == {"sent"}
     keys = {f"follow-{n}" for n in range(4)}
     records = read_topic(broker.bootstrap, TOPIC, keys=keys, until=lambda rs: len(rs) >= 4)
@@ -96,7 +94,7 @@ def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, f
     settings.OUTBOX_WAKE_EXPIRES, settings.OUTBOX_WAKE_LINGER = 1.0, 0.2
     enqueue("long-0", "OrderCreated")
     queued.clear()
-    real_run = services.relay_run
+    real_run = wake.relay_run
     runs = []
 
     def run_with_a_commit_before(**kwargs):
@@ -105,8 +103,8 @@ def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, f
             enqueue(f"long-{len(runs)}", "OrderCreated")
         return real_run(**kwargs)
 
-    monkeypatch.setattr(services, "relay_run", run_with_a_commit_before)
-    assert services.relay_follow().sent == 11
+    monkeypatch.setattr(wake, "relay_run", run_with_a_commit_before)
+    assert wake.relay_follow().sent == 11
     assert queued == []
 
 
@@ -117,13 +115,8 @@ def test_a_woken_run_that_fails_releases_the_flag(flag, queued, monkeypatch):
     def database_gone(**kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(services, "relay_run", database_gone)
+    monkeypatch.setattr(wake, "relay_run", database_gone)
     with pytest.raises(RuntimeError):
-        services.relay_follow()
-    assert not flag.exists(services.WAKE_KEY)  # so the next commit queues a new run at once
+        wake.relay_follow()
+    assert not flag.exists(wake.WAKE_KEY)  # so the next commit queues a new run at once
 
-
-def test_worker_warm_up_builds_the_producer_in_the_background(broker):
-    kafka.producer.discard("fresh start for the test")
-    kafka.producer_warm_up()
-    wait_for(lambda: kafka.producer._producer is not None, timeout=10, message="producer built")

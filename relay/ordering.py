@@ -1,0 +1,91 @@
+"""Per-order order: which claimed rows may be published now, and which wait for an earlier row of their order."""
+
+from collections import defaultdict
+from datetime import datetime
+
+from django.db import connection
+
+from outbox.models import OutboxEvent
+
+from .claim import CLAIM_INDEX, TABLE, Claimed
+
+
+def split_by_aggregate_order(
+    rows: list[Claimed], *, other_lanes: list[Claimed], now: datetime
+) -> tuple[list[Claimed], list[Claimed]]:
+    """Keep per-aggregate order: a row may go only if every earlier pending row of its aggregate goes with it.
+
+    Rows of one aggregate in one batch share a key, hence a partition, and the idempotent producer keeps
+    their order: a later one is never acknowledged unless the earlier ones were written, except past an
+    earlier one refused for good, which is dead-lettered (then later events proceed, by design).
+
+    An earlier row can be in another lane's batch, in backoff, locked by another relay, or just not
+    claimed. Rows held behind a row in backoff are moved to its retry time, so claims stop picking them up
+    until then.
+    """
+    # Earliest pending row of each claimed aggregate that this batch did not claim (usually none), with
+    # the time it is due. The table is asked only when it holds other pending rows before this batch's
+    # last one; the other lanes' batches are known here.
+    first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
+    if _pending_rows_before(rows, other_lanes):
+        first_blocker = _first_blockers_in_table(rows)
+    for row in other_lanes:
+        key = (row.aggregate_type, row.aggregate_id)
+        known = first_blocker.get(key)
+        if known is None or row.id < known[0]:
+            first_blocker[key] = (row.id, now)  # due now: that lane is publishing it
+
+    blocked_until: dict[int, datetime | None] = {}
+    for row in rows:
+        blocker = first_blocker.get((row.aggregate_type, row.aggregate_id))
+        if blocker is not None and blocker[0] < row.id:
+            blocked_until[row.id] = blocker[1] if blocker[1] > now else None
+
+    ready = [row for row in rows if row.id not in blocked_until]
+    held = [row for row in rows if row.id in blocked_until]
+    by_time: dict[datetime, list[int]] = defaultdict(list)
+    for row_id, until in blocked_until.items():
+        if until is not None:
+            by_time[until].append(row_id)
+    for until, ids in by_time.items():
+        OutboxEvent.objects.filter(id__in=ids).update(available_at=until)
+    return ready, held
+
+
+def _pending_rows_before(rows: list[Claimed], other_lanes: list[Claimed]) -> bool:
+    """Whether a pending row other than these precedes the batch's last row (an index-only look-up)."""
+    known = ",".join(str(row.id) for row in (*rows, *other_lanes))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) "
+            f"WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) LIMIT 1",
+            [rows[-1].id],
+        )
+        return cursor.fetchone() is not None
+
+
+def _first_blockers_in_table(rows: list[Claimed]) -> dict[tuple[str, str], tuple[int, datetime]]:
+    claimed_ids = {row.id for row in rows}
+    max_id = max(claimed_ids)
+    ids_by_type: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        ids_by_type[row.aggregate_type].add(row.aggregate_id)
+    first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
+    claimed_list = ",".join(str(i) for i in claimed_ids)
+    with connection.cursor() as cursor:
+        for aggregate_type, aggregate_ids in ids_by_type.items():
+            placeholders = ",".join(["%s"] * len(aggregate_ids))
+            cursor.execute(
+                f"SELECT aggregate_id, MIN(id) FROM {TABLE} "
+                f"WHERE aggregate_type = %s AND aggregate_id IN ({placeholders}) AND id < %s "
+                f"AND status = 'pending' AND id NOT IN ({claimed_list}) GROUP BY aggregate_id",
+                [aggregate_type, *aggregate_ids, max_id],
+            )
+            blockers = cursor.fetchall()
+            if blockers:
+                available = dict(
+                    OutboxEvent.objects.filter(id__in=[b[1] for b in blockers]).values_list("id", "available_at")
+                )
+                for aggregate_id, blocker_id in blockers:
+                    first_blocker[(aggregate_type, aggregate_id)] = (blocker_id, available[blocker_id])
+    return first_blocker

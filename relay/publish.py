@@ -1,0 +1,99 @@
+"""Publish one batch: claim it, keep per-order order, produce it, and record what the broker said.
+
+One batch is one database transaction: its rows are marked sent only after the broker's ack. A relay that
+dies before its commit leaves its rows pending: they are published again (a duplicate), never lost.
+"""
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from ops import metrics
+from ops.db import db_datetime
+
+from . import kafka
+from .claim import TABLE, Claimed, in_flight
+from .dead_letters import dead_letter
+from .ordering import split_by_aggregate_order
+from .retries import schedule_retries
+
+logger = logging.getLogger(__name__)
+
+LATENCY_SAMPLES = 100
+
+
+@dataclass
+class BatchResult:
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+    held: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def __add__(self, other: "BatchResult") -> "BatchResult":
+        return BatchResult(
+            claimed=self.claimed + other.claimed, sent=self.sent + other.sent, retried=self.retried + other.retried,
+            dead=self.dead + other.dead, held=self.held + other.held,
+            errors=sorted(set(self.errors) | set(other.errors)),
+        )
+
+
+def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
+    batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
+    result = BatchResult()
+    # The batch stays registered until after the commit: its rows are pending until then.
+    with in_flight.claiming() as claim, transaction.atomic():
+        now = timezone.now()
+        rows, other_lanes = claim(now=now, batch_size=batch_size)
+        result.claimed = len(rows)
+        if not rows:
+            return result
+        ready, held = split_by_aggregate_order(rows, other_lanes=other_lanes, now=now)
+        result.held = len(held)
+        deliveries = kafka.publish([row.message() for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+        acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
+        failed = [(row, d) for row, d in zip(ready, deliveries) if not d.ok]
+        _mark_sent(acked, now=timezone.now())
+        result.sent = len(acked)
+        to_retry = [(r, d) for r, d in failed if d.retriable and r.attempts + 1 < settings.OUTBOX_MAX_ATTEMPTS]
+        exhausted = [(r, d) for r, d in failed if not (d.retriable and r.attempts + 1 < settings.OUTBOX_MAX_ATTEMPTS)]
+        schedule_retries(to_retry, now=timezone.now())
+        dead_letter(exhausted)
+        result.retried, result.dead = len(to_retry), len(exhausted)
+        result.errors = sorted({d.error for _, d in failed})
+    if failed:
+        logger.warning(
+            "relay batch: %d sent, %d retrying, %d dead-lettered; errors: %s",
+            result.sent, result.retried, result.dead, "; ".join(result.errors),
+            extra={"sent": result.sent, "retrying": result.retried, "dead_lettered": result.dead},
+        )
+    return result
+
+
+def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:
+    if not acked:
+        return
+    metrics.OUTBOX_PUBLISHED.inc(len(acked))
+    naive_now = now.replace(tzinfo=None)
+    # A sample of at most LATENCY_SAMPLES rows per batch: each observation costs ~10 us in multiprocess mode.
+    for row, _ in acked[:: max(1, len(acked) // LATENCY_SAMPLES)]:
+        metrics.OUTBOX_PUBLISH_LATENCY.observe((naive_now - row.occurred_at).total_seconds())
+    by_partition: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for row, delivery in acked:
+        by_partition[int(delivery.partition)].append((row.id, int(delivery.offset)))
+    # One UPDATE per partition: the offset CASE of each stays short (one long CASE costs ~10% of a drain).
+    with connection.cursor() as cursor:
+        for partition, rows in by_partition.items():
+            offsets = " ".join(f"WHEN {row_id} THEN {offset}" for row_id, offset in rows)
+            cursor.execute(
+                f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
+                f"kafka_partition = %s, kafka_offset = CASE id {offsets} END "
+                f"WHERE id IN ({','.join(str(row_id) for row_id, _ in rows)})",
+                [db_datetime(now), partition],
+            )
