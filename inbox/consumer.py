@@ -69,16 +69,12 @@ class EventConsumer:
 
     def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> dict:
         """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle)."""
-        self._consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._heartbeat.start()
         handled = 0
         idle_since = time.monotonic()
-        lag_reported = 0.0
         try:
             while not self.stopping:
-                if time.monotonic() - lag_reported > LAG_REPORT_INTERVAL:
-                    self._report_lag()
-                    lag_reported = time.monotonic()
                 limit = self.batch_size if max_messages is None else min(self.batch_size, max_messages - handled)
                 messages = self._next_batch(limit)
                 if not messages:
@@ -256,22 +252,13 @@ class EventConsumer:
             "topic": raw.topic, "partition": raw.partition, "offset": raw.offset,
         }
 
-    def _report_lag(self) -> None:
-        """Consumer lag per assigned partition: the broker's high watermark (asked, not a cached value that goes
-        stale while nothing is fetched) minus the committed offset (what is durably applied)."""
-        try:
-            assignment = self._consumer.assignment()
-            for committed in self._consumer.committed(assignment, timeout=2) if assignment else []:
-                low, high = self._consumer.get_watermark_offsets(committed, timeout=2, cached=False)
-                applied_up_to = committed.offset if committed.offset >= 0 else low
-                metrics.INBOX_LAG.labels(self.group_id, committed.topic, str(committed.partition)).set(
-                    max(high - applied_up_to, 0))
-        except kafka.KafkaException as exc:
-            logger.debug("lag not available: %s", exc)
+    def _on_assign(self, consumer, partitions) -> None:
+        self._heartbeat.assigned(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Commits what earlier batches applied; the batch being taken drops these partitions' messages.
         self._revoked.update((p.topic, p.partition) for p in partitions)
+        self._heartbeat.assigned([])
         self._commit_sync()
 
     def _commit_sync(self) -> None:
@@ -285,12 +272,15 @@ class EventConsumer:
 
 
 class _Heartbeat:
-    """When the consumer last polled and last applied a batch, as gauges an alert can watch: timestamps, and
-    seconds since, refreshed by a thread of its own so that they keep growing while the loop is stuck."""
+    """What an alert watches, kept up by a thread of its own so that it goes on while the loop is stuck: when the
+    consumer last polled and last applied a batch (timestamps, and seconds since, every second), and the lag of
+    its partitions (every LAG_REPORT_INTERVAL): the broker's high watermark, asked rather than a cached value that
+    goes stale while nothing is fetched, minus the group's committed offset (what is durably applied)."""
 
     def __init__(self, group_id: str):
         self.group_id = group_id
         self._last_poll = self._last_applied = time.time()
+        self._partitions: list = []
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._refresh, name="inbox-heartbeat", daemon=True)
 
@@ -299,6 +289,7 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._thread.join(5)
 
     def polled(self) -> None:
         self._last_poll = time.time()
@@ -306,15 +297,37 @@ class _Heartbeat:
     def applied(self) -> None:
         self._last_applied = time.time()
 
+    def assigned(self, partitions: list) -> None:
+        self._partitions = [kafka.TopicPartition(p.topic, p.partition) for p in partitions]
+
     def _refresh(self) -> None:
-        while True:
-            now = time.time()
-            metrics.INBOX_LAST_POLL.labels(self.group_id).set(self._last_poll)
-            metrics.INBOX_LAST_APPLIED.labels(self.group_id).set(self._last_applied)
-            metrics.INBOX_SINCE_POLL.labels(self.group_id).set(now - self._last_poll)
-            metrics.INBOX_SINCE_APPLIED.labels(self.group_id).set(now - self._last_applied)
-            if self._stopped.wait(1.0):
-                return
+        reader = kafka.build_offsets_reader(group_id=self.group_id)
+        lag_reported = 0.0
+        try:
+            while not self._stopped.wait(1.0):
+                now = time.time()
+                metrics.INBOX_LAST_POLL.labels(self.group_id).set(self._last_poll)
+                metrics.INBOX_LAST_APPLIED.labels(self.group_id).set(self._last_applied)
+                metrics.INBOX_SINCE_POLL.labels(self.group_id).set(now - self._last_poll)
+                metrics.INBOX_SINCE_APPLIED.labels(self.group_id).set(now - self._last_applied)
+                if time.monotonic() - lag_reported > LAG_REPORT_INTERVAL:
+                    self._report_lag(reader)
+                    lag_reported = time.monotonic()
+        finally:
+            reader.close()
+
+    def _report_lag(self, reader) -> None:
+        partitions = self._partitions
+        if not partitions:
+            return
+        try:
+            for committed in reader.committed(partitions, timeout=5):
+                low, high = reader.get_watermark_offsets(committed, timeout=5, cached=False)
+                applied_up_to = committed.offset if committed.offset >= 0 else low
+                metrics.INBOX_LAG.labels(self.group_id, committed.topic, str(committed.partition)).set(
+                    max(high - applied_up_to, 0))
+        except kafka.KafkaException as exc:
+            logger.debug("lag not available: %s", exc)
 
 
 def consumer_from_settings() -> EventConsumer:

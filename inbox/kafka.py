@@ -13,6 +13,9 @@ def build_consumer(*, group_id: str) -> Consumer:
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 10000,
             "max.poll.interval.ms": 300000,
+            # How long a fetch may wait at the broker for data. Kafka answers as soon as a byte is there; some
+            # Kafka-protocol brokers hold the fetch for the whole wait, which then bounds the event's latency.
+            "fetch.wait.max.ms": 25,
             **settings.KAFKA_CONFIG,
             **settings.KAFKA_CONSUMER_CONFIG,
             "group.id": group_id,
@@ -35,3 +38,15 @@ def build_producer() -> Producer:
             "acks": "all",
         }
     )
+
+
+def build_offsets_reader(*, group_id: str) -> Consumer:
+    """A client that never joins the group, for the lag gauge: its queries do not wait behind the consumer's
+    fetches, nor stall its loop."""
+    return Consumer({
+        "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        **settings.KAFKA_CONFIG,
+        **settings.KAFKA_CONSUMER_CONFIG,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+    })

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -290,3 +291,31 @@ def test_only_connection_errors_count_as_the_database_being_down():
     assert database_unavailable(InterfaceError(0, ""))
     assert not database_unavailable(OperationalError(1366, "Incorrect decimal value"))
     assert not database_unavailable(ValueError("not a database error"))
+
+
+def test_a_stuck_consumer_shows_in_its_lag_and_heartbeat_gauges(broker, topic, dlq, tmp_path):
+    from ops import metrics
+
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
+    held = event_headers("TestHold")
+    producer.produce(topic, key="1", value=json.dumps(created(entered=str(entered), release=str(release))).encode(),
+                     headers=[(k, v.encode()) for k, v in held.items()])
+    assert producer.flush(10) == 0
+    for _ in range(4):  # one request each: a broker that counts batches in its watermark counts these right too
+        produce(broker.bootstrap, topic, value=created(), headers=event_headers())
+    consumer = EventConsumer(group_id=f"test-{uuid.uuid4().hex[:8]}", topics=[topic], dlq_topic=dlq,
+                             max_attempts=1, backoff_base=0.01, batch_size=1)
+    gauge = lambda metric, *labels: metric.labels(consumer.group_id, *labels)._value.get()  # noqa: E731
+    runner = threading.Thread(target=consumer.run, kwargs={"max_messages": 5, "idle_timeout": 30})
+    runner.start()
+    try:
+        wait_for(entered.exists, timeout=30, message="the consumer to hold the first event")
+        # Nothing committed while the handler is stuck: the lag is the whole partition, asked of the broker.
+        wait_for(lambda: gauge(metrics.INBOX_LAG, topic, "0") == 5, timeout=20, interval=0.2, message="lag 5")
+        wait_for(lambda: gauge(metrics.INBOX_SINCE_POLL) >= 3 and gauge(metrics.INBOX_SINCE_APPLIED) >= 3,
+                 timeout=20, interval=0.2, message="seconds since the last poll and apply to grow")
+    finally:
+        release.touch()
+        runner.join(60)
+    assert outcome(consumer) == {"applied": 5, "duplicates": 0, "dead_lettered": 0}
