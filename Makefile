@@ -27,10 +27,11 @@ run: install
 test: install
 	scripts/test $(TEST_ARGS)
 
+# The lock, shared: the suite's database-restart tests (scripts/test) wait for the benchmarks, and the other way round.
 bench: install
 	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-bench.txt
 	command -v wrk >/dev/null || scripts/system-deps wrk
-	PYTHONPATH=. $(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+	PYTHONPATH=. flock --shared /tmp/orders-outbox-mariadb-restart.lock $(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
 chaos: install
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run $(CHAOS_ARGS)

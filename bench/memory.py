@@ -38,8 +38,10 @@ def run(n: int) -> dict:
     output = relay.stdout.read()
     if relay.returncode != 0:
         raise RuntimeError(output)
-    early = [rss for sent, rss in samples if 0 < sent <= n * 0.1] or [samples[0][1]]
-    late = [rss for sent, rss in samples if sent >= n * 0.9] or [samples[-1][1]]
+    # Not samples[0] when no sample fell in the first 10% (a quick run): that is the process still starting.
+    sending = [(sent, rss) for sent, rss in samples if sent > 0] or samples
+    early = [rss for sent, rss in sending if sent <= n * 0.1] or [sending[0][1]]
+    late = [rss for sent, rss in sending if sent >= n * 0.9] or [sending[-1][1]]
     return {
         "events": n, "seconds": elapsed,
         "rss_mib_first_10pct": max(early) / 1024, "rss_mib_last_10pct": max(late) / 1024,

@@ -21,7 +21,8 @@ def process_env(**overrides) -> dict:
 class Stack:
     """Starts the named processes; stop() terminates them all."""
 
-    def __init__(self, *, port: int, wsgi: str = "project.wsgi", web_workers: int = 4, relay: bool = True, **env):
+    def __init__(self, *, port: int, wsgi: str = "project.wsgi", web_workers: int = 4, relay: bool = True,
+                 consumer: bool = False, **env):
         self.port = port
         self.env = process_env(**env)
         self.processes: list[subprocess.Popen] = []
@@ -33,6 +34,9 @@ class Stack:
                          "--without-mingle", "--without-gossip", "--concurrency", "2"])
             self._start([f"{VENV_BIN}/celery", "-A", "project", "beat", "--loglevel", "WARNING",
                          "--schedule", str(ROOT / ".run" / "bench-beat-schedule")])
+        if consumer:
+            self._start([f"{VENV_BIN}/python", "manage.py", "consume_events"])
+            self.consumer = self.processes[-1]  # its exit code tells whether SIGTERM stopped it cleanly
         self._wait_for_web()
 
     def _start(self, command: list[str]) -> None:

@@ -1,0 +1,122 @@
+"""The relay's drain as deployed: `celery -A project worker` (default concurrency) and `celery -A project beat`,
+against raw SQL claim-and-mark on the same table with one and two connections, in the same run.
+
+The backlog is orders with items, some cancelled (bench.common.prefill_outbox), written while the processes run
+and released in one commit that wakes the relay, as a burst of commits would.
+"""
+
+import subprocess
+import sys
+import threading
+import time
+
+from django.db import connection, connections, transaction
+
+from bench.common import ROOT, Timer, prefill_outbox, reset_outbox_pending, truncate_outbox
+from bench.drain import raw_sql_claim_and_mark
+from bench.stack import process_env
+
+VENV_BIN = f"{sys.prefix}/bin"
+
+
+def raw_sql_two_connections(batch_size: int) -> float:
+    """Two naive loops side by side, each on its own connection: rows/s together."""
+    done = []
+
+    def loop():
+        try:
+            done.append(raw_sql_claim_and_mark(batch_size))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    with Timer() as t:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return sum(done) / t.seconds
+
+
+def _pending_left() -> bool:
+    from outbox.models import OutboxEvent
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT 1 FROM {OutboxEvent._meta.db_table} WHERE status <> 'sent' LIMIT 1")
+        return cursor.fetchone() is not None
+
+
+def _hold_backlog() -> None:
+    """Park every row out of reach (in backoff for an hour), so that the processes start on an empty outbox."""
+    from outbox.models import OutboxEvent
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {OutboxEvent._meta.db_table} SET status='pending', attempts=0, published_at=NULL, "
+                       f"kafka_partition=-1, kafka_offset=-1, available_at = NOW(6) + INTERVAL 1 HOUR")
+
+
+def _release_backlog() -> None:
+    from outbox.models import OutboxEvent
+    from outbox.hooks import schedule_after_commit
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {OutboxEvent._meta.db_table} SET available_at = NOW(6) - INTERVAL 1 SECOND")
+        schedule_after_commit()  # what the commits that wrote these events would have done
+
+
+def deployed_drain(n: int, *, log_path) -> float:
+    """Events/s from the release of a backlog of n events until none is left, drained by a worker and beat."""
+    _hold_backlog()
+    env = process_env()
+    with open(log_path, "ab") as log:
+        processes = [
+            subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "worker", "--loglevel", "WARNING",
+                              "--without-mingle", "--without-gossip"], cwd=ROOT, env=env, stdout=log, stderr=log,
+                             start_new_session=True),
+            subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "beat", "--loglevel", "WARNING",
+                              "--schedule", str(ROOT / ".run" / "bench-beat-schedule")], cwd=ROOT, env=env,
+                             stdout=log, stderr=log, start_new_session=True),
+        ]
+    try:
+        time.sleep(5)  # the worker's children are up and have warmed their producers; beat ticks
+        with Timer() as t:
+            _release_backlog()
+            deadline = time.monotonic() + 600
+            while _pending_left():
+                if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                    raise RuntimeError(f"the deployed drain did not finish; see {log_path}")
+                time.sleep(0.05)
+        return n / t.seconds
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+
+
+def run(n: int) -> dict:
+    truncate_outbox()
+    prefill_outbox(n)
+    results = {"events": n}
+    with Timer() as t:
+        assert raw_sql_claim_and_mark(1000) == n
+    results["raw_sql_rate"] = n / t.seconds
+    reset_outbox_pending()
+    results["raw_sql_two_connections_rate"] = raw_sql_two_connections(1000)
+    results["deployed_rate"] = deployed_drain(n, log_path=ROOT / ".run" / "bench-deployed.log")
+    return results
+
+
+if __name__ == "__main__":
+    from bench.common import setup_django, start_broker
+
+    broker = start_broker()
+    try:
+        setup_django()
+        results = run(int(sys.argv[1]) if len(sys.argv) > 1 else 40_000)
+        for key, value in results.items():
+            print(f"{key}: {value:,.0f}")
+        print(f"deployed / raw SQL: {results['deployed_rate'] / results['raw_sql_rate']:.2f}; "
+              f"/ two connections: {results['deployed_rate'] / results['raw_sql_two_connections_rate']:.2f}")
+    finally:
+        broker.stop()
