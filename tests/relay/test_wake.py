@@ -120,3 +120,36 @@ def test_a_woken_run_that_fails_releases_the_flag(flag, queued, monkeypatch):
         wake.relay_follow()
     assert not flag.exists(wake.WAKE_KEY)  # so the next commit queues a new run at once
 
+
+
+@pytest.mark.django_db(transaction=True)
+def test_beats_poll_publishes_what_a_worker_killed_holding_the_wake_flag_left_behind(celery_worker, broker, flag,
+                                                                                      tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from tests.kafka_tools import wait_for
+
+    woken = []
+    send = tasks.relay_outbox.apply_async
+    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **kwargs: woken.append(kwargs) or send(**kwargs))
+    # What a worker SIGKILLed in the middle of a following run leaves: the flag, held for its long TTL.
+    flag.set(wake.WAKE_KEY, "1", px=120_000)
+    event = enqueue("flag-left-1", "OrderCreated")
+    assert woken == []  # its commit saw the flag held, and queued no run
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+           "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}"}
+    beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel", "WARNING",
+                             "--schedule", str(tmp_path / "beat-schedule")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: OutboxEvent.objects.get(pk=event.pk).status == "sent", timeout=30, interval=0.2,
+                 message="beat's poll to publish the event")
+    finally:
+        beat.terminate()
+        beat.wait(30)
+    assert flag.exists(wake.WAKE_KEY)  # it was the poll, not a wake-up: the dead worker's flag is still there
+    (record,) = read_topic(broker.bootstrap, TOPIC, keys={"flag-left-1"}, until=lambda rs: len(rs) >= 1)
+    assert record.headers["id"] == str(event.event_id)
