@@ -149,17 +149,18 @@ def report(results: dict) -> str:
             f"**{h['pipeline_cost']:.1%}** below the baseline",
         ]
     if m:
-        growth = m["rss_mib_last_10pct"] - m["rss_mib_first_10pct"]
-        lines += [
-            "\n## Relay memory while publishing\n",
-            f"- {m['events']:,} events in {m['seconds']:.0f} s by one `relay_outbox` process: RSS "
-            f"{m['rss_mib_first_10pct']:.1f} MiB in the first 10%, {m['rss_mib_last_10pct']:.1f} MiB in the last 10%, "
-            f"peak {m['rss_mib_peak']:.1f} MiB (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})",
-        ]
+        lines += ["\n## Relay memory while publishing\n", rss_line(m, "relay_outbox")]
     if c:
         lines += consumer_report(c, results.get("deployed"))
     lines.append("\n![latency percentiles and drain throughput](benchmarks.png)\n")
     return "\n".join(lines)
+
+
+def rss_line(m: dict, process: str) -> str:
+    growth = m["rss_mib_last_10pct"] - m["rss_mib_first_10pct"]
+    return (f"- {m['events']:,} events in {m['seconds']:.0f} s by one `{process}` process: RSS "
+            f"{m['rss_mib_first_10pct']:.1f} MiB in the first 10%, {m['rss_mib_last_10pct']:.1f} MiB in the last 10%, "
+            f"peak {m['rss_mib_peak']:.1f} MiB (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})")
 
 
 def consumer_report(c: dict, deployed: dict | None) -> list[str]:
@@ -201,14 +202,7 @@ def consumer_report(c: dict, deployed: dict | None) -> list[str]:
             f"(p50 < {TARGETS['projection_p50_ms']} ms: {verdict(lat['p50_ms'] < TARGETS['projection_p50_ms'])}; "
             f"p99 < {TARGETS['projection_p99_ms']} ms: {verdict(lat['p99_ms'] < TARGETS['projection_p99_ms'])})",
         ]
-    m = c["memory"]
-    growth = m["rss_mib_last_10pct"] - m["rss_mib_first_10pct"]
-    lines += [
-        "\n## Consumer memory while applying\n",
-        f"- {m['events']:,} events in {m['seconds']:.0f} s by one `consume_events` process: RSS "
-        f"{m['rss_mib_first_10pct']:.1f} MiB in the first 10%, {m['rss_mib_last_10pct']:.1f} MiB in the last 10%, "
-        f"peak {m['rss_mib_peak']:.1f} MiB (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})",
-    ]
+    lines += ["\n## Consumer memory while applying\n", rss_line(c["memory"], "consume_events")]
     return lines
 
 

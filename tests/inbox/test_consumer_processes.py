@@ -174,8 +174,8 @@ def test_sigkill_in_the_middle_of_a_batch_redelivers_it_all_and_applies_it_once(
     assert second.returncode == 0, output
     assert stream.projection_matches()
     # Nothing of the killed batch had been committed to Kafka: offsets only ever follow database commits.
-    heldp = ProcessedEvent.objects.get(group_id=group, event_type="TestHold")
-    assert committed_before.get(heldp.partition, -1001) <= heldp.offset
+    held = ProcessedEvent.objects.get(group_id=group, event_type="TestHold")
+    assert committed_before.get(held.partition, -1001) <= held.offset
     assert sorted(ProcessedEvent.objects.filter(group_id=group).values_list("event_id", flat=True)) == sorted(stream.event_ids)
 
 
