@@ -31,7 +31,7 @@ def _forget_database_connections() -> None:
             connection.connection = None
 
 
-@pytest.mark.restarts_database
+@pytest.mark.restarts_servers
 def test_chaos_quick_run_loses_nothing_and_keeps_the_projection_exact():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the run configures its own processes

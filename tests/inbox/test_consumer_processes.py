@@ -292,7 +292,7 @@ def test_partitions_revoked_while_a_batch_is_held_commit_nothing_past_the_databa
     assert committed_offsets(broker, topic, group) == ends, outputs
 
 
-@pytest.mark.restarts_database
+@pytest.mark.restarts_servers
 def test_the_database_stopped_for_real_while_the_consumer_is_busy_is_waited_out(broker, topic, group):
     from django.db import connection
 

@@ -153,3 +153,52 @@ def test_beats_poll_publishes_what_a_worker_killed_holding_the_wake_flag_left_be
     assert flag.exists(wake.WAKE_KEY)  # it was the poll, not a wake-up: the dead worker's flag is still there
     (record,) = read_topic(broker.bootstrap, TOPIC, keys={"flag-left-1"}, until=lambda rs: len(rs) >= 1)
     assert record.headers["id"] == str(event.event_id)
+
+
+def _redis_answers() -> bool:
+    import subprocess
+
+    return subprocess.run(["redis-cli", "-h", "127.0.0.1", "ping"], capture_output=True, text=True).stdout.strip() == "PONG"
+
+
+@pytest.mark.restarts_servers
+@pytest.mark.django_db(transaction=True)
+def test_redis_stopped_at_the_moment_of_a_commit_loses_the_wake_up_and_beats_poll_publishes(broker, tmp_path, caplog):
+    import os
+    import subprocess
+    import sys
+
+    from tests.kafka_tools import wait_for
+
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "shutdown", "nosave"], capture_output=True, timeout=30)
+    try:
+        wait_for(lambda: not _redis_answers(), timeout=30, interval=0.2, message="Redis to stop")
+        event = enqueue("redis-down-1", "OrderCreated")  # committed; its wake-up cannot reach Redis
+        assert any("could not wake the relay" in r.getMessage() for r in caplog.records)
+    finally:
+        # As .ci/run starts it (it keeps nothing on disk: every queue starts empty again).
+        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
+                        "--appendonly", "no"], capture_output=True, timeout=30)
+        wait_for(_redis_answers, timeout=30, interval=0.2, message="Redis to answer again")
+    assert OutboxEvent.objects.get(pk=event.pk).status == "pending"
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+           "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}"}
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "worker", "--loglevel", "WARNING",
+                          "--without-mingle", "--without-gossip", "--concurrency", "1"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel", "WARNING",
+                          "--schedule", str(tmp_path / "beat-schedule")], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL),
+    ]
+    try:
+        wait_for(lambda: OutboxEvent.objects.get(pk=event.pk).status == "sent", timeout=60, interval=0.2,
+                 message="beat's poll to publish the event")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+    (record,) = read_topic(broker.bootstrap, TOPIC, keys={"redis-down-1"}, until=lambda rs: len(rs) >= 1)
+    assert record.headers["id"] == str(event.event_id)
