@@ -57,7 +57,7 @@ class EventConsumer:
         self.stats = {"applied": 0, "duplicates": 0, "dead_lettered": 0, "batches": 0, "batch_fallbacks": 0}
         self._consumer = kafka.build_consumer(group_id=group_id)
         self._dlq_producer = None
-        self._revoked: set[tuple[str, int]] = set()
+        self._rebalanced = False
         self._heartbeat = _Heartbeat(group_id)
 
     def stop(self, *_args) -> None:
@@ -101,22 +101,26 @@ class EventConsumer:
     def _next_batch(self, limit: int) -> list[kafka.Message]:
         """Wait (briefly) for one message, then take whatever else has already arrived, up to limit: a lone
         event is applied at once, a backlog in batches."""
-        self._revoked.clear()
         first = self._consumer.poll(0.5)
         self._heartbeat.polled()
         if first is None:
             return []
+        self._rebalanced = False
         messages = [first] + (self._consumer.consume(limit - 1, timeout=0) if limit > 1 else [])
+        if self._rebalanced:
+            # Partitions were revoked while the batch was taken: what it holds of a partition this consumer no
+            # longer owns belongs to the new owner, which reads it again from the committed offset. (Messages of
+            # a partition assigned again are kept: a redelivery of them is skipped as duplicates.)
+            owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+            messages = [m for m in messages if m.error() or (m.topic(), m.partition()) in owned]
         batch = []
         for message in messages:
             if message.error():
                 if message.error().fatal():
                     raise kafka.KafkaException(message.error())
                 logger.warning("consumer: %s", message.error())
-            elif (message.topic(), message.partition()) not in self._revoked:
+            else:
                 batch.append(message)
-        # Messages of partitions revoked while the batch was taken belong to their new owner now (they were not
-        # applied, so nothing of them is committed here: the new owner reads them again).
         return batch
 
     @staticmethod
@@ -256,8 +260,8 @@ class EventConsumer:
         self._heartbeat.assigned(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
-        # Commits what earlier batches applied; the batch being taken drops these partitions' messages.
-        self._revoked.update((p.topic, p.partition) for p in partitions)
+        # Commits what earlier batches applied; the batch being taken keeps only what this consumer still owns.
+        self._rebalanced = True
         self._heartbeat.assigned([])
         self._commit_sync()
 
