@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
 from ops import metrics
+from ops.db import lock_conflict
 
 from . import kafka
 from .models import ConsumerDeadLetter
@@ -20,9 +21,7 @@ logger = logging.getLogger(__name__)
 # Losing the database is not the message's fault: wait for it, never dead-letter because of it. Only
 # connection-level errors count: any other server error is the message's, and ends in the DLQ.
 CONNECTION_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
-# InnoDB chose the batch as a deadlock victim, or it waited too long for a lock another consumer of the group
-# held (a rebalance): nobody's fault, the batch runs again as a whole.
-LOCK_ERROR_CODES = {1205, 1213}
+# A batch that lost a lock conflict (another consumer of the group, during a rebalance) runs again as a whole.
 LOCK_RETRIES = 3
 LAG_REPORT_INTERVAL = 5.0
 
@@ -31,10 +30,6 @@ def database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, InterfaceError):
         return True
     return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in CONNECTION_ERROR_CODES
-
-
-def _lock_conflict(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in LOCK_ERROR_CODES
 
 
 def _raw(message: kafka.Message) -> RawMessage:
@@ -154,14 +149,14 @@ class EventConsumer:
             for event, raw in batch:
                 self._apply_alone(event, raw)
             return
-        self._count(applied=len(batch) - len(duplicates), duplicates=duplicates, batch=batch)
+        self._count(applied=len(batch) - len(duplicates), duplicates=duplicates)
 
-    def _apply(self, batch: list[tuple[InboundEvent, RawMessage]]) -> list[InboundEvent]:
+    def _apply(self, batch: list[tuple[InboundEvent, RawMessage]]) -> list[tuple[InboundEvent, RawMessage]]:
         for attempt in range(1, LOCK_RETRIES + 1):
             try:
                 return self._until_database_answers(lambda: inbound_events_apply(group_id=self.group_id, batch=batch))
             except OperationalError as exc:
-                if not _lock_conflict(exc) or attempt == LOCK_RETRIES:
+                if not lock_conflict(exc) or attempt == LOCK_RETRIES:
                     raise
                 logger.info("batch rolled back (%s), running it again", exc.args[1])
 
@@ -171,7 +166,7 @@ class EventConsumer:
             attempts += 1
             try:
                 duplicates = self._apply([(event, raw)])
-                self._count(applied=1 - len(duplicates), duplicates=duplicates, batch=[(event, raw)])
+                self._count(applied=1 - len(duplicates), duplicates=duplicates)
                 return
             except Exception as exc:
                 if database_unavailable(exc):
@@ -182,16 +177,15 @@ class EventConsumer:
                                raw.topic, raw.partition, raw.offset, attempts, exc, extra=self._context(raw, attempts))
                 time.sleep(self.backoff_base * 2 ** (attempts - 1))
 
-    def _count(self, *, applied: int, duplicates: list[InboundEvent], batch: list[tuple[InboundEvent, RawMessage]]) -> None:
+    def _count(self, *, applied: int, duplicates: list[tuple[InboundEvent, RawMessage]]) -> None:
         self.stats["applied"] += applied
         self.stats["duplicates"] += len(duplicates)
         metrics.INBOX_PROCESSED.labels(self.group_id).inc(applied)
         if duplicates:
             metrics.INBOX_DUPLICATES.labels(self.group_id).inc(len(duplicates))
-            raw_of = {id(event): raw for event, raw in batch}
-            for event in duplicates:
-                logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type,
-                            extra=self._context(raw_of[id(event)], 1, event.event_id))
+        for event, raw in duplicates:
+            logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type,
+                        extra=self._context(raw, 1, event.event_id))
 
     def _until_database_answers(self, work):
         delay = 0.5

@@ -74,7 +74,9 @@ def inbound_event_parse(raw: RawMessage) -> InboundEvent:
     return InboundEvent(event_id=event_id, event_type=event_type, payload=payload, headers=headers)
 
 
-def inbound_events_apply(*, group_id: str, batch: list[tuple[InboundEvent, RawMessage]]) -> list[InboundEvent]:
+def inbound_events_apply(
+    *, group_id: str, batch: list[tuple[InboundEvent, RawMessage]]
+) -> list[tuple[InboundEvent, RawMessage]]:
     """Apply, in one transaction, the events of `batch` (in offset order) that this group has not applied yet.
 
     The ids already recorded are found in one query and the new ones recorded in one multi-row insert; an id
@@ -88,7 +90,7 @@ def inbound_events_apply(*, group_id: str, batch: list[tuple[InboundEvent, RawMe
         rows, duplicates, fresh = [], [], []
         for event, raw in batch:
             if event.event_id in recorded:
-                duplicates.append(event)
+                duplicates.append((event, raw))
                 continue
             recorded.add(event.event_id)
             fresh.append(event)

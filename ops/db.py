@@ -2,8 +2,16 @@
 
 from datetime import datetime
 
-from django.db import connection
+from django.db import OperationalError, connection
 from django.db.models import QuerySet
+
+# InnoDB rolled the transaction back as a deadlock victim (1213), or it waited too long for a row lock (1205):
+# nobody's fault, the same transaction may simply run again.
+LOCK_CONFLICT_CODES = frozenset({1205, 1213})
+
+
+def lock_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in LOCK_CONFLICT_CODES
 
 
 def db_datetime(value: datetime):

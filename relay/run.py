@@ -8,11 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from django.conf import settings
 from django.db import OperationalError, connection
 
+from ops.db import lock_conflict
+
 from .publish import BatchResult, relay_publish_batch
 
 logger = logging.getLogger(__name__)
 
-RETRIABLE_DB_ERRORS = {1213, 1205}  # deadlock victim, lock wait timeout
 
 
 def relay_run(*, budget: float | None = None) -> BatchResult:
@@ -47,7 +48,7 @@ def _publish_batch_surviving_deadlocks(attempts: int = 5) -> BatchResult:
         try:
             return relay_publish_batch()
         except OperationalError as exc:
-            if exc.args[0] not in RETRIABLE_DB_ERRORS or attempt == attempts:
+            if not lock_conflict(exc) or attempt == attempts:
                 raise
             logger.info("relay batch rolled back (%s), running it again", exc.args[1])
             time.sleep(random.uniform(0.005, 0.05) * attempt)

@@ -1,7 +1,6 @@
 """The idempotent consumer against the real broker and database."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from decimal import Decimal
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from django.conf import settings
 from django.db.models import Sum
 
 from inbox.consumer import EventConsumer
@@ -21,6 +19,7 @@ from orders.models import Order
 from relay.services import relay_run
 from stats.models import CustomerStats
 from tests.kafka_tools import read_topic, wait_for
+from tests.processes import suite_env
 from tests.testhandlers import handlers as test_handlers
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -196,14 +195,8 @@ def test_handler_that_always_fails_is_dead_lettered_after_the_configured_attempt
 
 
 def consumer_process(broker, topic, dlq, group, *args):
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}",
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-        "KAFKA_CONSUMER_CONFIG": json.dumps({"session.timeout.ms": 6000}),
-        "INBOX_GROUP_ID": group, "INBOX_TOPICS": topic, "INBOX_DLQ_TOPIC": dlq,
-    }
+    env = suite_env(broker, KAFKA_CONSUMER_CONFIG=json.dumps({"session.timeout.ms": 6000}),
+                    INBOX_GROUP_ID=group, INBOX_TOPICS=topic, INBOX_DLQ_TOPIC=dlq)
     return subprocess.Popen([sys.executable, "manage.py", "consume_events", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -2,7 +2,6 @@
 a broker that comes back empty, against the real broker and database."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,11 +13,11 @@ from decimal import Decimal
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from django.conf import settings
 
 from inbox.models import ConsumerDeadLetter, ProcessedEvent
 from stats.models import CustomerStats
 from tests.kafka_tools import wait_for
+from tests.processes import suite_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,16 +77,9 @@ class Stream:
 
 
 def consumer_process(broker, topic, group, *args, **env):
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}",
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-        "KAFKA_CONSUMER_CONFIG": json.dumps({"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}),
-        "INBOX_GROUP_ID": group, "INBOX_TOPICS": topic, "INBOX_DLQ_TOPIC": "order-stats.dlq",
-        "INBOX_BACKOFF_BASE": "0.05",
-        **env,
-    }
+    consumer_config = json.dumps({"session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+    env = suite_env(broker, KAFKA_CONSUMER_CONFIG=consumer_config, INBOX_GROUP_ID=group, INBOX_TOPICS=topic,
+                    INBOX_DLQ_TOPIC="order-stats.dlq", INBOX_BACKOFF_BASE="0.05", **env)
     return subprocess.Popen([sys.executable, "manage.py", "consume_events", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

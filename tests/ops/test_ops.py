@@ -8,6 +8,7 @@ from ops.logging import JsonFormatter
 from outbox.models import OutboxEvent
 from relay.services import relay_publish_batch
 from tests.outbox.test_admin import staff_client
+from tests.processes import suite_env
 from tests.relay.helpers import ORDER, relay_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -95,20 +96,13 @@ def test_admin_overview_requires_view_permission(django_user_model):
 def test_metrics_of_a_separate_relay_process_are_served_by_the_web(api, broker, settings, monkeypatch, tmp_path):
     """Multiprocess mode: a relay in another process (as a Celery worker is) counts into the shared directory,
     and the web's /metrics serves the sum."""
-    import os
     import subprocess
     import sys
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     api.post("/api/orders/", ORDER, format="json")
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}",
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-    }
-    relay = subprocess.run([sys.executable, "manage.py", "relay_outbox"], env=env, capture_output=True, text=True,
-                           timeout=60)
+    relay = subprocess.run([sys.executable, "manage.py", "relay_outbox"], env=suite_env(broker), capture_output=True,
+                           text=True, timeout=60)
     assert "published 1 event" in relay.stdout, relay.stdout + relay.stderr
 
     text = Client().get("/metrics").content.decode()

@@ -1,17 +1,16 @@
 """Several relay processes at once over thousands of events: each published once, per-order order kept."""
 
 import json
-import os
 import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
 
 import pytest
-from django.conf import settings
 
 from outbox.models import OutboxEvent
 from tests.kafka_tools import read_topic
+from tests.processes import suite_env
 
 ORDERS, EVENTS_PER_ORDER, RELAYS = 400, 5, 3
 
@@ -27,14 +26,8 @@ def test_concurrent_relays_publish_every_event_exactly_once_in_per_order_order(b
                     payload={"order": order, "step": step})
         for step in range(EVENTS_PER_ORDER) for order in range(ORDERS)
     )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}",
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-        "OUTBOX_TOPIC_PREFIX": prefix,
-        "OUTBOX_BATCH_SIZE": "100",  # many small batches: many chances to collide
-    }
+    env = suite_env(broker, OUTBOX_TOPIC_PREFIX=prefix,
+                    OUTBOX_BATCH_SIZE="100")  # many small batches: many chances to collide
     relays = [subprocess.Popen([sys.executable, "manage.py", "relay_outbox", "--until-empty"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(RELAYS)]
     outputs = [relay.communicate(timeout=180)[0] for relay in relays]

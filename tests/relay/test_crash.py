@@ -2,16 +2,15 @@
 marks it: the rows stay pending and are published again (a duplicate), never lost."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
-from django.conf import settings
 
 from outbox.models import OutboxEvent
 from tests.kafka_tools import read_topic
+from tests.processes import suite_env
 from tests.relay.helpers import TOPIC, enqueue, relay_until
 
 # The relay_outbox command, with the batch's mark (its last statement before the commit) followed by SIGKILL:
@@ -38,11 +37,8 @@ call_command("relay_outbox")
 def test_relay_killed_between_the_ack_and_the_commit_publishes_again_and_loses_nothing(broker):
     events = [enqueue(f"crash-{n}", "OrderCreated") for n in range(5)]
     keys = {event.aggregate_id for event in events}
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-           "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}"}
-
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ACK], env=env, capture_output=True, text=True,
-                            timeout=60)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ACK], env=suite_env(broker), capture_output=True,
+                            text=True, timeout=60)
 
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert "acknowledged 5" in killed.stdout

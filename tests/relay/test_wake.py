@@ -9,6 +9,7 @@ from outbox.models import OutboxEvent
 from outbox.services import outbox_enqueue
 from relay import tasks, wake
 from tests.kafka_tools import read_topic
+from tests.processes import suite_env
 from tests.relay.helpers import TOPIC, enqueue
 
 
@@ -125,7 +126,6 @@ def test_a_woken_run_that_fails_releases_the_flag(flag, queued, monkeypatch):
 @pytest.mark.django_db(transaction=True)
 def test_beats_poll_publishes_what_a_worker_killed_holding_the_wake_flag_left_behind(celery_worker, broker, flag,
                                                                                       tmp_path, monkeypatch):
-    import os
     import subprocess
     import sys
 
@@ -139,8 +139,7 @@ def test_beats_poll_publishes_what_a_worker_killed_holding_the_wake_flag_left_be
     event = enqueue("flag-left-1", "OrderCreated")
     assert woken == []  # its commit saw the flag held, and queued no run
 
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-           "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}"}
+    env = suite_env(broker)
     beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel", "WARNING",
                              "--schedule", str(tmp_path / "beat-schedule")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -164,7 +163,6 @@ def _redis_answers() -> bool:
 @pytest.mark.restarts_servers
 @pytest.mark.django_db(transaction=True)
 def test_redis_stopped_at_the_moment_of_a_commit_loses_the_wake_up_and_beats_poll_publishes(broker, tmp_path, caplog):
-    import os
     import subprocess
     import sys
 
@@ -182,8 +180,7 @@ def test_redis_stopped_at_the_moment_of_a_commit_loses_the_wake_up_and_beats_pol
         wait_for(_redis_answers, timeout=30, interval=0.2, message="Redis to answer again")
     assert OutboxEvent.objects.get(pk=event.pk).status == "pending"
 
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-           "DATABASE_URL": f"mysql://root@127.0.0.1:3306/{settings.DATABASES['default']['NAME']}"}
+    env = suite_env(broker)
     processes = [
         subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "worker", "--loglevel", "WARNING",
                           "--without-mingle", "--without-gossip", "--concurrency", "1"], env=env,
