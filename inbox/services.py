@@ -3,14 +3,14 @@
 import json
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from ops.db import db_datetime, delete_in_batches
+from ops.db import db_datetime, delete_in_batches, sql_literals
 
 from .models import ConsumerDeadLetter, ProcessedEvent
 from .registry import handler_for
@@ -22,8 +22,8 @@ class PoisonMessage(Exception):
     """A message no retry can fix: it goes to the DLQ at once."""
 
 
-@dataclass(frozen=True)
-class RawMessage:
+# NamedTuples, not frozen dataclasses: one of each per message consumed, and they cost a third as much to build.
+class RawMessage(NamedTuple):
     topic: str
     partition: int
     offset: int
@@ -32,11 +32,13 @@ class RawMessage:
     headers: list[tuple[str, bytes]]
 
     def text_headers(self) -> dict[str, str]:
-        return {name: (value or b"").decode("utf-8", errors="replace") for name, value in self.headers}
+        try:
+            return {name: value.decode() for name, value in self.headers}  # the usual case, at a third of the cost
+        except (AttributeError, UnicodeDecodeError):  # a header without a value, or not UTF-8
+            return {name: (value or b"").decode("utf-8", errors="replace") for name, value in self.headers}
 
 
-@dataclass(frozen=True)
-class InboundEvent:
+class InboundEvent(NamedTuple):
     event_id: str
     event_type: str
     payload: dict
@@ -66,7 +68,7 @@ def inbound_event_parse(raw: RawMessage) -> InboundEvent:
     if handler_for(event_type) is None:
         raise PoisonMessage(f"no handler for event type {event_type!r}")
     try:
-        payload = json.loads(raw.value or b"")
+        payload = json.loads((raw.value or b"").decode())  # JSON between systems is UTF-8 (RFC 8259)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PoisonMessage(f"value is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
@@ -85,8 +87,9 @@ def inbound_events_apply(
     back: run it again and that id is a duplicate.
     """
     with transaction.atomic():
-        recorded = _recorded_ids(group_id, {event.event_id for event, _ in batch})
-        now = db_datetime(timezone.now())
+        literal = sql_literals()
+        ids = {event.event_id: literal(event.event_id) for event, _ in batch}
+        recorded = _recorded_ids(literal(group_id), ids)
         rows, duplicates, fresh = [], [], []
         for event, raw in batch:
             if event.event_id in recorded:
@@ -94,9 +97,9 @@ def inbound_events_apply(
                 continue
             recorded.add(event.event_id)
             fresh.append(event)
-            rows.append((group_id, event.event_id, event.event_type, raw.topic, raw.partition, raw.offset, now))
+            rows.append((ids[event.event_id], event.event_type, raw.topic, raw.partition, raw.offset))
         if rows:
-            _record_processed(rows)
+            _record_processed(literal, literal(group_id), rows)
         _run_handlers(fresh)
     return duplicates
 
@@ -109,24 +112,33 @@ _PROCESSED_COLUMNS = ", ".join(
 
 
 # Plain SQL for the two statements every batch runs: building them through the ORM (bulk_create, a 500-value
-# IN lookup) cost more CPU than the database's work.
-def _recorded_ids(group_id: str, event_ids: set[str]) -> set[str]:
+# IN lookup), or even passing their values as parameters, cost more CPU than the database's work. Each event id
+# is escaped once for both; the batch's constants once per batch.
+def _recorded_ids(group: str, id_literals: dict[str, str]) -> set[str]:
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT event_id FROM {_PROCESSED_TABLE} WHERE group_id = %s "
-            f"AND event_id IN ({', '.join(['%s'] * len(event_ids))})",
-            [group_id, *event_ids],
+            f"SELECT event_id FROM {_PROCESSED_TABLE} WHERE group_id = {group} "
+            f"AND event_id IN ({', '.join(id_literals.values())})"
         )
         return {row[0] for row in cursor.fetchall()}
 
 
-def _record_processed(rows: list[tuple]) -> None:
+def _record_processed(literal, group: str, rows: list[tuple[str, str, str, int, int]]) -> None:
+    """rows: (event id literal, event type, topic, partition, offset)."""
+    now = literal(db_datetime(timezone.now()))
+    literals: dict[str, str] = {}  # a batch has few event types and topics
+
+    def text(value: str) -> str:
+        if value not in literals:
+            literals[value] = literal(value)
+        return literals[value]
+
+    values = ", ".join(
+        f"({group}, {event_id}, {text(event_type)}, {text(topic)}, {int(partition)}, {int(offset)}, {now})"
+        for event_id, event_type, topic, partition, offset in rows
+    )
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {_PROCESSED_TABLE} ({_PROCESSED_COLUMNS}) "
-            f"VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s)'] * len(rows))}",
-            [value for row in rows for value in row],
-        )
+        cursor.execute(f"INSERT INTO {_PROCESSED_TABLE} ({_PROCESSED_COLUMNS}) VALUES {values}")
 
 
 def _run_handlers(events: list[InboundEvent]) -> None:

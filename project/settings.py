@@ -162,7 +162,11 @@ OUTBOX_RELAY_ENABLED = env_bool("OUTBOX_RELAY_ENABLED", True)
 OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 1000)
 OUTBOX_POLL_INTERVAL = env_float("OUTBOX_POLL_INTERVAL", 1.0)
 OUTBOX_RUN_BUDGET = env_float("OUTBOX_RUN_BUDGET", 10.0)
-OUTBOX_RELAY_LANES = env_int("OUTBOX_RELAY_LANES", 2)
+# Lanes of one relay run (threads, each its own connection). One: deployed, the worker's processes already run
+# relays side by side (beat's poll beside the woken run), and two lanes in each were measured a third slower
+# (four claimers walking each other's locked rows, ordering checks sent to the table). Two for a relay that runs
+# alone (CELERY_WORKER_CONCURRENCY=1, or `relay_outbox` in one process).
+OUTBOX_RELAY_LANES = env_int("OUTBOX_RELAY_LANES", 1)
 OUTBOX_WAKE_ON_COMMIT = env_bool("OUTBOX_WAKE_ON_COMMIT", True)
 OUTBOX_WAKE_EXPIRES = env_float("OUTBOX_WAKE_EXPIRES", 10.0)
 OUTBOX_WAKE_LINGER = env_float("OUTBOX_WAKE_LINGER", 0.01)

@@ -34,10 +34,11 @@ class Claimed:
     payload: str  # the JSON text as stored: published byte for byte
     occurred_at: datetime  # naive UTC, as the raw cursor returns it
     attempts: int
+    topic: str = ""  # OUTBOX_TOPIC_PREFIX + aggregate_type; the claim reads the setting once per batch
 
-    @property
-    def topic(self) -> str:
-        return settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
+    def __post_init__(self):
+        if not self.topic:
+            self.topic = settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
 
     def headers(self) -> dict[str, str]:
         return {
@@ -49,12 +50,15 @@ class Claimed:
         }
 
     def message(self) -> kafka.Message:
-        return kafka.Message(
-            topic=self.topic,
-            key=self.aggregate_id.encode(),
-            value=self.payload.encode(),
-            headers=[(name, value.encode()) for name, value in self.headers().items()],
-        )
+        # Built for every event published, so the headers are not taken from headers()' dict (same names, order).
+        key = self.aggregate_id.encode()
+        return kafka.Message(self.topic, key, self.payload.encode(), [
+            ("id", self.event_id.encode()),
+            ("eventType", self.event_type.encode()),
+            ("aggregateType", self.aggregate_type.encode()),
+            ("aggregateId", key),
+            ("occurredAt", (self.occurred_at.isoformat() + "+00:00").encode()),
+        ])
 
     def log_context(self, attempt: int) -> dict:
         return {"event_id": self.event_id, "order_id": self.aggregate_id, "event_type": self.event_type,
@@ -110,10 +114,11 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
     with connection.cursor() as cursor:
         cursor.execute(claim_sql(skip_ranges=skip_ranges), [db_datetime(now), batch_size])
         rows = cursor.fetchall()
+    prefix = settings.OUTBOX_TOPIC_PREFIX
     return [
         Claimed(
             id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
-            payload=r[5], occurred_at=r[6], attempts=r[7],
+            payload=r[5], occurred_at=r[6], attempts=r[7], topic=prefix + r[2],
         )
         for r in rows
     ]

@@ -12,13 +12,15 @@ from django.utils import timezone
 
 from inbox.registry import handles_batch
 from inbox.services import InboundEvent
-from ops.db import db_datetime
+from ops.db import db_datetime, sql_literals
 
 from .models import CustomerStats
 
+ZERO = Decimal("0")
+
 _TABLE = connection.ops.quote_name(CustomerStats._meta.db_table)
 _UPSERT = (
-    f"INSERT INTO {_TABLE} (customer_id, orders_created, orders_cancelled, total_spent, updated_at) VALUES {{rows}} "
+    f"INSERT INTO {_TABLE} (customer_id, orders_created, orders_cancelled, total_spent, updated_at) VALUES {{values}} "
     "ON DUPLICATE KEY UPDATE orders_created = orders_created + VALUES(orders_created), "
     "orders_cancelled = orders_cancelled + VALUES(orders_cancelled), "
     "total_spent = total_spent + VALUES(total_spent), updated_at = VALUES(updated_at)"
@@ -27,7 +29,7 @@ _UPSERT = (
 
 @handles_batch("OrderCreated", "OrderCancelled")
 def project_order_events(events: list[InboundEvent]) -> None:
-    changes: dict[str, list] = defaultdict(lambda: [0, 0, Decimal("0")])  # created, cancelled, total_spent
+    changes: dict[str, list] = defaultdict(lambda: [0, 0, ZERO])  # created, cancelled, total_spent
     for event in events:
         change = changes[event.payload["customer_id"]]
         if event.event_type == "OrderCreated":
@@ -36,9 +38,14 @@ def project_order_events(events: list[InboundEvent]) -> None:
         else:
             change[1] += 1
             change[2] -= Decimal(event.payload["total"])
-    now = db_datetime(timezone.now())
+    literal = sql_literals()
+    now = literal(db_datetime(timezone.now()))
     # In key order, so that consumers of other partitions upserting the same customers lock them in one order.
-    rows = [(customer, *changes[customer], now) for customer in sorted(changes)]
+    # Values written into the statement (see inbox.services): the customer id escaped by the driver, the counts
+    # as integers, the amount as a quoted plain decimal (never an exponent, never a float).
+    values = ", ".join(
+        f"({literal(customer)}, {int(created)}, {int(cancelled)}, '{spent:f}', {now})"
+        for customer, (created, cancelled, spent) in sorted(changes.items())
+    )
     with connection.cursor() as cursor:
-        cursor.execute(_UPSERT.format(rows=", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))),
-                       [value for row in rows for value in row])
+        cursor.execute(_UPSERT.format(values=values))

@@ -129,6 +129,29 @@ def test_duplicates_inside_one_batch_are_applied_once(broker, topic, dlq):
     assert list(ProcessedEvent.objects.order_by("id").values_list("offset", flat=True)) == [0, 1, 3]
 
 
+AWKWARD = ["o'brien", 'say "hi"', "back\\slash", "100%s %d", "'); DROP TABLE stats_customerstats; --",
+           "ünïcødé ✓ 😀", "tab\tand\nnewline"]
+
+
+def test_values_the_batch_writes_into_its_statements_arrive_as_sent(broker, topic, dlq):
+    """The batch's statements carry their values as driver-escaped literals: quotes, backslashes, percent signs,
+    non-ASCII text in customer and event ids are stored exactly, and amounts stay exact decimals."""
+    ids = [f"id-{name}"[:64] for name in AWKWARD]
+    for customer, event_id in zip(AWKWARD, ids):
+        produce(broker.bootstrap, topic, value=created(customer=customer, total="12345678.91"),
+                headers=event_headers(event_id=event_id))
+    produce(broker.bootstrap, topic, value=created(customer=AWKWARD[0], total="0.09"),
+            headers=event_headers(event_type="OrderCancelled"))
+
+    consumer = consume(topic, dlq, expect=len(AWKWARD) + 1)
+
+    assert consumer.stats["batches"] == 1 and outcome(consumer)["applied"] == len(AWKWARD) + 1
+    assert {s.customer_id: s.total_spent for s in CustomerStats.objects.all()} == {
+        customer: Decimal("12345678.91") - (Decimal("0.09") if customer == AWKWARD[0] else 0) for customer in AWKWARD
+    }
+    assert set(ProcessedEvent.objects.filter(group_id=consumer.group_id).values_list("event_id", flat=True)) >= set(ids)
+
+
 def test_a_failing_message_in_the_middle_of_a_batch_costs_only_itself(broker, topic, dlq):
     test_handlers.calls.clear()
     for n in range(3):
