@@ -4,7 +4,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 # The lock files (*.txt) are compiled from the hand-edited lists (*.in): `make lock` after editing one.
 UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --python-version 3.11
 
-.PHONY: install lock run test bench chaos clean
+.PHONY: install lock run test bench chaos chaos-compare clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	scripts/system-deps
@@ -35,6 +35,10 @@ bench: install
 
 chaos: install
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run $(CHAOS_ARGS)
+
+# The direct publish the outbox replaces (acks=1, then acks=all), and the outbox, under the same faults.
+chaos-compare: install
+	PYTHONPATH=. $(VENV)/bin/python -m chaos.run --compare --quick $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .run staticfiles

@@ -56,6 +56,15 @@ KEEP_LOGS = 5
 
 FULL_FAULTS = ["worker", "broker", "consumer", "worker", "database", "broker", "consumer", "worker"]
 QUICK_FAULTS = ["worker", "broker", "consumer", "database", "worker"]
+# --compare: faults every variant lives through alike (the baseline publishes from the web process, so "web" is
+# where its in-flight events are).
+COMPARE_FAULTS = ["web", "broker", "database", "web", "broker"]
+# A broker outage longer than the baseline's 3 attempts (2 s delivery timeout each, 1 s apart) take: a leader
+# election, a rolling restart or a network partition often lasts that long.
+COMPARE_BROKER_DOWN = 15.0
+BASELINES = {"acks1": "1", "acksall": "all"}  # --baseline: chaos.direct_publish's CHAOS_DIRECT_PUBLISH_ACKS
+VARIANTS = {"acks1": "(a) direct publish, acks=1", "acksall": "(b) direct publish, acks=all + idempotence",
+            None: "(c) the outbox"}
 
 PRODUCT_ENV = {
     "DJANGO_DEBUG": "0",
@@ -79,6 +88,8 @@ def _terminate(signum, _frame):
 class ChaosRun:
     def __init__(self, args):
         self.args = args
+        self.baseline = args.baseline  # None: the product; else the direct-publish baseline it replaces
+        self.report = None
         self.run_id = time.strftime("%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.log_dir = ROOT / ".run" / "chaos" / self.run_id
         self.group_id = f"chaos-{self.run_id}"
@@ -107,6 +118,8 @@ class ChaosRun:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("OUTBOX_", "INBOX_", "KAFKA_", "DJANGO_", "DATABASE_", "CELERY_", "IDEMPOTENCY_"))}
         env.update(PRODUCT_ENV)
+        if self.baseline:
+            env["CHAOS_DIRECT_PUBLISH_ACKS"] = BASELINES[self.baseline]
         env.update({
             "PYTHONPATH": str(ROOT),
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -151,12 +164,14 @@ class ChaosRun:
             self.procs[name] = Proc(name, list(argv), env=self.env, log_dir=self.log_dir)
             self.procs[name].start()
 
-        proc("web", str(VENV_BIN / "gunicorn"), "project.wsgi", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+        wsgi = "chaos.direct_publish:application" if self.baseline else "project.wsgi"
+        proc("web", str(VENV_BIN / "gunicorn"), wsgi, "--bind", f"127.0.0.1:{port}", "--workers", "2",
              "--access-logfile", "-")
-        proc("worker", str(VENV_BIN / "celery"), "-A", "project", "worker", "--loglevel", "INFO",
-             "--without-mingle", "--without-gossip", "--concurrency", "2")
-        proc("beat", str(VENV_BIN / "celery"), "-A", "project", "beat", "--loglevel", "INFO",
-             "--schedule", str(self.log_dir / "celerybeat-schedule"))
+        if not self.baseline:  # the baseline publishes from the web process: no relay
+            proc("worker", str(VENV_BIN / "celery"), "-A", "project", "worker", "--loglevel", "INFO",
+                 "--without-mingle", "--without-gossip", "--concurrency", "2")
+            proc("beat", str(VENV_BIN / "celery"), "-A", "project", "beat", "--loglevel", "INFO",
+                 "--schedule", str(self.log_dir / "celerybeat-schedule"))
         proc("consumer", str(VENV_BIN / "python"), "manage.py", "consume_events")
         deadline = time.monotonic() + 90
         while True:
@@ -209,6 +224,10 @@ class ChaosRun:
         self._kill_and_restart("worker")
         return "Celery worker process group SIGKILLed, restarted after 3 s"
 
+    def fault_web(self) -> str:
+        self._kill_and_restart("web")
+        return "gunicorn process group (arbiter and workers) SIGKILLed mid-flight, restarted after 3 s"
+
     def fault_consumer(self) -> str:
         self._kill_and_restart("consumer")
         return "consumer SIGKILLed, restarted after 3 s"
@@ -223,7 +242,7 @@ class ChaosRun:
         return f"MariaDB shut down ({stopped:.1f} s), down 3 s, started again (answering after {time.monotonic() - begin:.1f} s)"
 
     def fault_broker(self) -> str:
-        worker = self.procs["worker"]
+        worker = self.procs["web" if self.baseline else "worker"]  # the process that produces to the topic
         gated = not self.args.ungated_broker_kill
         note = ""
         if gated:
@@ -352,7 +371,9 @@ class ChaosRun:
         self._monitor_stop.set()
 
         self.say("reading the results")
-        report = build_report(load=self.load, records=self.checker.snapshot(), db=self.db, group_id=self.group_id)
+        report = build_report(load=self.load, records=self.checker.snapshot(), db=self.db, group_id=self.group_id,
+                              outbox=not self.baseline)
+        self.report = report
         return self.summary(report, drained=drained, load_seconds=load_seconds)
 
     def drain(self, timeout: float) -> str:
@@ -393,7 +414,8 @@ class ChaosRun:
     def summary(self, report, *, drained: str, load_seconds: float) -> int:
         took = time.monotonic() - self.started
         print("\n" + "=" * 100)
-        print(f"CHAOS RUN {self.run_id}  ({'quick' if self.args.quick else 'full'}; load {load_seconds:.0f} s at "
+        variant = f"{VARIANTS[self.baseline]}  " if self.args.compare or self.baseline else ""
+        print(f"CHAOS RUN {self.run_id}  {variant}({'quick' if self.args.quick else 'full'}; load {load_seconds:.0f} s at "
               f"{self.args.rate:g} orders/s; {drained}; total {took:.0f} s)")
         print("=" * 100)
         print("faults:")
@@ -464,7 +486,8 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, help="seconds of load (default 180, or 70 with --quick)")
     parser.add_argument("--rate", type=float, default=20.0, help="orders created per second (default 20)")
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for the drain")
-    parser.add_argument("--broker-down", type=float, default=5.0, help="seconds the broker stays dead")
+    parser.add_argument("--broker-down", type=float,
+                        help=f"seconds the broker stays dead (default 5; {COMPARE_BROKER_DOWN:g} with --compare)")
     parser.add_argument("--gate-timeout", type=float, default=45.0,
                         help="seconds to wait for checker and consumer to catch up before a broker kill")
     parser.add_argument("--relay-hold", type=float, default=0.0,
@@ -481,18 +504,72 @@ def parse_args(argv=None):
                         help="comma-separated fault kinds in order (worker, broker, consumer, database) "
                              "instead of the default schedule")
     parser.add_argument("--first-fault-at", type=float, default=6.0, help="seconds of load before the first fault")
+    parser.add_argument("--baseline", choices=sorted(BASELINES),
+                        help="run the approach the product replaces instead (chaos.direct_publish: commit, then "
+                             "publish from a thread of the web process) with acks=1 or acks=all + idempotence")
+    parser.add_argument("--compare", action="store_true",
+                        help="run (a) the baseline with acks=1, (b) with acks=all + idempotence, (c) the outbox, "
+                             f"under the same faults (default {','.join(COMPARE_FAULTS)}), and print them side by side")
     args = parser.parse_args(argv)
-    unknown = set(args.faults or []) - {"worker", "broker", "consumer", "database"}
+    unknown = set(args.faults or []) - {"worker", "broker", "consumer", "database", "web"}
     if unknown:
         parser.error(f"unknown fault kind(s): {', '.join(sorted(unknown))}")
+    if (args.baseline or args.compare) and "worker" in (args.faults or []):
+        parser.error("the baseline has no Celery worker to kill: use the web fault")
+    if args.broker_down is None:
+        args.broker_down = COMPARE_BROKER_DOWN if args.compare else 5.0
     if args.seconds is None:
         args.seconds = 70.0 if args.quick else 180.0
     return args
 
 
+def compare(args) -> int:
+    """The three variants one after the other, same load, seed and faults; exit 0 when the outbox's must-be-zero
+    figures are all 0 (the baselines' figures are whatever they are)."""
+    args.faults = args.faults or COMPARE_FAULTS
+    reports = {}
+    for baseline in ("acks1", "acksall", None):
+        args.baseline = baseline
+        run = ChaosRun(args)
+        try:
+            run.run()
+        except Harness as exc:
+            print(f"[chaos] the {VARIANTS[baseline]} run could not be carried out: {exc}", flush=True)
+            return 2
+        finally:
+            run.cleanup()
+        reports[baseline] = run.report
+    print("\n" + "=" * 100)
+    print(f"CHAOS COMPARISON (load {args.seconds:.0f} s at {args.rate:g} orders/s each; faults "
+          f"{', '.join(args.faults)}; the same checker for all three)")
+    print("=" * 100)
+    print(comparison_table(reports))
+    outbox = reports[None]
+    print(f"\nCHAOS COMPARISON RESULT: {'PASS' if outbox.passed else 'FAIL'} (the outbox's must-be-zero figures)")
+    return 0 if outbox.passed else 1
+
+
+def comparison_table(reports: dict) -> str:
+    names = list(next(iter(reports.values())).comparison)
+    columns = [VARIANTS[b] for b in reports]
+    width = max(len(n) for n in names)
+    lines = ["| " + " | ".join(["".ljust(width), *columns]) + " |",
+             "|" + "|".join(["-" * (width + 2), *("-" * (len(c) + 2) for c in columns)]) + "|"]
+    for name in names:
+        cells = [str(r.comparison[name]).rjust(len(c)) for r, c in zip(reports.values(), columns)]
+        lines.append("| " + " | ".join([name.ljust(width), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if args.compare:
+        try:
+            return compare(args)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            print(f"[chaos] interrupted ({exc!r})", flush=True)
+            return 130
     run = ChaosRun(args)
     code = 2
     try:
