@@ -117,7 +117,8 @@ class DirectPublisher:
 def _fatal(error) -> bool:
     if isinstance(error, KafkaException):
         error = error.args[0]
-    return isinstance(error, KafkaError) and error.fatal()
+    # produce() on a producer in the fatal state raises _FATAL, an error that is not itself flagged fatal
+    return isinstance(error, KafkaError) and (error.fatal() or error.code() == KafkaError._FATAL)
 
 
 publisher = DirectPublisher(ACKS)

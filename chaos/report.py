@@ -141,10 +141,10 @@ def build_report(*, load, records, db: Database, group_id: str, outbox: bool = T
     lost_orders = sorted({int(k) for k, _ in missing})
     duplicated = {e: s for e, s in by_event.items() if len(s) > 1}
     extra_copies = sum(len(s) - 1 for s in duplicated.values())
-    violations = [
+    violations = sorted({  # orders, each once (expected holds two events of a cancelled order)
         key for key, _ in expected if (key, CANCELLED) in first_seen and (key, CREATED) in first_seen
         and first_seen[(key, CANCELLED)] < first_seen[(key, CREATED)]
-    ]
+    }, key=int)
     unexpected_events = sorted(set(first_seen) - expected, key=str)
     conflicting = sorted(kt for kt, ids in ids_by_key_type.items() if len(ids) > 1)
     epochs = Counter(s.epoch for s in records)

@@ -72,3 +72,14 @@ def test_against_a_broker_that_does_not_answer_the_baseline_gives_up_after_three
     assert len(attempts) == 3
     (gave_up,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "not published after 3 attempts" in gave_up.getMessage() and "order 7" in gave_up.getMessage()
+
+
+def test_the_baseline_builds_a_new_producer_after_a_fatal_error(direct_publish):
+    """Else one fenced idempotent producer would lose every later event, which is a dead client's loss, not the
+    approach's."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    assert direct_publish._fatal(KafkaException(KafkaError(KafkaError._FATAL)))
+    assert direct_publish._fatal(KafkaError(KafkaError.UNKNOWN_PRODUCER_ID, fatal=True))
+    assert not direct_publish._fatal(KafkaError(KafkaError._MSG_TIMED_OUT))
+    assert not direct_publish._fatal("no delivery report")
