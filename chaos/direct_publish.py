@@ -73,6 +73,7 @@ class DirectPublisher:
         self._producer: Producer | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
+        self._retired: list[Producer] = []
 
     def submit(self, message) -> None:
         with self._lock:
@@ -106,6 +107,9 @@ class DirectPublisher:
                 # A fenced idempotent producer never sends again (the dev broker forgets producer ids when it
                 # restarts empty). Careful code builds a new one, as the relay does: the baseline's losses are then
                 # its approach's, not a dead client's.
+                # The old one is kept, not destroyed: destroying a producer in that state was seen to block the
+                # thread for good (every later event then "lost" by a stuck client).
+                self._retired.append(self._producer)
                 self._producer = Producer(producer_config(self.acks))
             if attempt < ATTEMPTS:
                 time.sleep(PAUSE)
