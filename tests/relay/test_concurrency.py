@@ -46,3 +46,59 @@ def test_concurrent_relays_publish_every_event_exactly_once_in_per_order_order(b
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):
         steps[record.key].append(json.loads(record.value)["step"])
     assert all(seq == list(range(EVENTS_PER_ORDER)) for seq in steps.values())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_relays_as_deployed_two_workers_and_beat_publish_every_event_once_in_per_order_order(broker, tmp_path):
+    """Two `celery -A project worker` processes (two prefork children each) and `celery -A project beat`, while
+    bursts of commits wake them: every event published once, each order's events in order, as deployed."""
+    import redis
+    from django.conf import settings
+    from django.db import transaction
+
+    from outbox.hooks import schedule_after_commit
+    from tests.kafka_tools import wait_for
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}."
+    topic = prefix + "order"
+    broker.create_topics(topic)
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    env = suite_env(broker, OUTBOX_TOPIC_PREFIX=prefix, OUTBOX_BATCH_SIZE="100", OUTBOX_POLL_INTERVAL="0.5")
+    logs = open(tmp_path / "relays.log", "wb")
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "worker", "--loglevel", "WARNING",
+                          "--concurrency", "2", "--without-mingle", "--without-gossip", "-n", f"relay{i}@%h"],
+                         env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+        for i in range(2)
+    ] + [subprocess.Popen([sys.executable, "-m", "celery", "-A", "project", "beat", "--loglevel", "WARNING",
+                           "--schedule", str(tmp_path / "beat-schedule")], env=env, stdout=logs,
+                          stderr=subprocess.STDOUT, start_new_session=True)]
+    try:
+        # Bursts of commits, each waking the relay, with each order's events spread over several of them.
+        for step in range(EVENTS_PER_ORDER):
+            for first in range(0, ORDERS, 100):
+                with transaction.atomic():
+                    OutboxEvent.objects.bulk_create(
+                        OutboxEvent(aggregate_type="order", aggregate_id=str(order), event_type=f"Step{step}",
+                                    payload={"order": order, "step": step})
+                        for order in range(first, first + 100)
+                    )
+                    schedule_after_commit()
+        total = ORDERS * EVENTS_PER_ORDER
+        wait_for(lambda: not OutboxEvent.objects.exclude(status="sent").exists(), timeout=120, interval=0.5,
+                 message="the workers to publish every event")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+        logs.close()
+    assert all(process.returncode == 0 for process in processes), (tmp_path / "relays.log").read_text()[-3000:]
+
+    records = read_topic(broker.bootstrap, topic, until=lambda rs: len(rs) >= total, timeout=60)
+    by_id = Counter(r.headers["id"] for r in records)
+    assert len(by_id) == total and set(by_id.values()) == {1}  # no crash, so no duplicate either
+    steps = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        steps[record.key].append(json.loads(record.value)["step"])
+    assert all(seq == list(range(EVENTS_PER_ORDER)) for seq in steps.values())
