@@ -96,3 +96,57 @@ def test_created_reaches_kafka_before_cancelled_when_its_first_attempt_failed(ap
                          until=lambda rs: {r.headers["eventType"] for r in rs} == both)
     first_seen = dict.fromkeys((r.headers["id"], r.headers["eventType"]) for r in records)  # a late duplicate is no reorder
     assert [event_type for _, event_type in first_seen] == ["OrderCreated", "OrderCancelled"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_against_the_broker_a_later_event_goes_out_after_its_earlier_one_is_dead_lettered(broker):
+    """The real broker's (client's) refusal of a too-large payload, not a scripted one: the order's next event
+    is published after it, in the same batch."""
+    from outbox.services import outbox_enqueue
+
+    start = high_watermarks(broker.bootstrap, TOPIC)
+    with transaction.atomic():
+        big = outbox_enqueue(aggregate_type="order", aggregate_id="dead-then-next", event_type="OrderCreated",
+                             payload={"blob": "x" * 2_000_000})
+    cancelled = enqueue("dead-then-next", "OrderCancelled")
+
+    result = relay_publish_batch()
+
+    assert (result.dead, result.sent, result.held) == (1, 1, 0)
+    big.refresh_from_db()
+    cancelled.refresh_from_db()
+    assert big.status == "dead" and cancelled.status == "sent"
+    (record,) = read_topic(broker.bootstrap, TOPIC, start=start, keys={"dead-then-next"}, until=lambda rs: len(rs) >= 1)
+    assert record.headers["id"] == str(cancelled.event_id)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fast_retries")
+def test_against_the_broker_a_later_event_is_parked_until_its_blockers_retry_time(broker_outage, settings):
+    """A real publish failure (the broker stopped) puts the Created row in backoff; the Cancelled committed
+    meanwhile is moved to the same retry time, out of the claims until then, and goes out after it."""
+    settings.OUTBOX_BACKOFF_BASE = settings.OUTBOX_BACKOFF_MAX = 30.0  # nothing comes due by itself in this test
+    broker_outage.stop()
+    created = enqueue("parked-1", "OrderCreated")
+    assert relay_publish_batch().retried == 1
+    broker_outage.start()
+    start = high_watermarks(broker_outage.bootstrap, TOPIC)
+    cancelled = enqueue("parked-1", "OrderCancelled")
+    other = enqueue("parked-2", "OrderCreated")
+
+    result = relay_publish_batch()
+
+    assert (result.sent, result.held) == (1, 1)
+    created.refresh_from_db()
+    cancelled.refresh_from_db()
+    assert cancelled.status == "pending" and cancelled.attempts == 0
+    assert cancelled.available_at == created.available_at > timezone.now()  # parked until the blocker's retry
+    assert relay_publish_batch().claimed == 0  # neither is claimed before that time
+    assert OutboxEvent.objects.get(pk=other.pk).status == "sent"
+
+    make_due()  # the retry time has come
+    relay_until(lambda: not OutboxEvent.objects.filter(status="pending").exists(), timeout=30, message="drained")
+    records = read_topic(broker_outage.bootstrap, TOPIC, start=start, keys={"parked-1"},
+                         until=lambda rs: {r.headers["eventType"] for r in rs} == {"OrderCreated", "OrderCancelled"})
+    first_seen = dict.fromkeys((r.headers["id"], r.headers["eventType"]) for r in records)
+    assert [event_type for _, event_type in first_seen] == ["OrderCreated", "OrderCancelled"]

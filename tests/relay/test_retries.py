@@ -73,3 +73,23 @@ def test_broker_down_keeps_rows_pending_with_backoff_then_delivers_all(api, brok
     records = read_topic(broker_outage.bootstrap, TOPIC, keys=keys, until=lambda rs: {r.key for r in rs} == keys)
     assert {r.headers["id"] for r in records} == {str(r.event_id) for r in OutboxEvent.objects.all()}
     assert not FailedEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("fast_retries")
+def test_against_a_stopped_broker_an_event_is_dead_lettered_after_its_attempts(broker_outage, settings):
+    """Real retriable failures (delivery timeouts against a stopped broker), not scripted ones, until
+    OUTBOX_MAX_ATTEMPTS: then the event is dead and kept in the failed-events table (its DLQ copy pending, the
+    broker being down)."""
+    settings.OUTBOX_MAX_ATTEMPTS = 2
+    broker_outage.stop()
+    event = enqueue("exhausted-1", "OrderCreated")
+    assert relay_publish_batch().retried == 1
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == ("pending", 1) and event.last_error
+    make_due()
+    assert relay_publish_batch().dead == 1
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == ("dead", 2)
+    failed = FailedEvent.objects.get(event_id=event.event_id)
+    assert failed.attempts == 2 and failed.status == FailedEvent.Status.DLQ_PENDING
