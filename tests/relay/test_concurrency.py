@@ -5,14 +5,33 @@ import subprocess
 import sys
 import uuid
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 
 import pytest
+from django.db import connection, connections
 
 from outbox.models import OutboxEvent
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import read_topic, wait_for
 from tests.processes import suite_env
 
 ORDERS, EVENTS_PER_ORDER, RELAYS = 400, 5, 3
+
+
+@contextmanager
+def _table_locked():
+    with connection.cursor() as cursor:
+        cursor.execute(f"LOCK TABLES {OutboxEvent._meta.db_table} WRITE")
+        try:
+            yield
+        finally:
+            cursor.execute("UNLOCK TABLES")
+
+
+def _sessions_waiting_for_the_table() -> int:
+    with connections["default"].cursor() as cursor:  # (the lock holder's own session is not waiting)
+        cursor.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE state LIKE %s AND db = DATABASE()",
+                       ["Waiting for table%lock"])
+        return cursor.fetchone()[0]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -28,8 +47,14 @@ def test_concurrent_relays_publish_every_event_exactly_once_in_per_order_order(b
     )
     env = suite_env(broker, OUTBOX_TOPIC_PREFIX=prefix,
                     OUTBOX_BATCH_SIZE="100")  # many small batches: many chances to collide
-    relays = [subprocess.Popen([sys.executable, "manage.py", "relay_outbox", "--until-empty"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(RELAYS)]
+    # The table is write-locked until every relay waits on its first claim: they start at the same moment,
+    # whatever their start-up takes (one started early could otherwise drain everything alone).
+    with _table_locked():
+        relays = [subprocess.Popen([sys.executable, "manage.py", "relay_outbox", "--until-empty"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                  for _ in range(RELAYS)]
+        wait_for(lambda: _sessions_waiting_for_the_table() >= RELAYS, timeout=120, interval=0.1,
+                 message="every relay to wait on its first claim")
     outputs = [relay.communicate(timeout=180)[0] for relay in relays]
     assert all(relay.returncode == 0 for relay in relays), outputs
     published_counts = [int(out.split("published ")[1].split()[0]) for out in outputs]

@@ -76,7 +76,8 @@ def test_non_retriable_error_dead_letters_at_once_then_later_events_proceed(prod
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("fast_retries")
 def test_created_reaches_kafka_before_cancelled_when_its_first_attempt_failed(api, broker_outage, settings):
-    settings.OUTBOX_BACKOFF_BASE = settings.OUTBOX_BACKOFF_MAX = 3.0
+    # Long enough that the backoff cannot run out before the checks below on a slow machine; make_due() ends it.
+    settings.OUTBOX_BACKOFF_BASE = settings.OUTBOX_BACKOFF_MAX = 30.0
     broker_outage.stop()
     held_order = api.post("/api/orders/", ORDER, format="json").json()["id"]
     assert relay_publish_batch().retried == 1  # OrderCreated fails: broker down
@@ -90,6 +91,7 @@ def test_created_reaches_kafka_before_cancelled_when_its_first_attempt_failed(ap
     assert OutboxEvent.objects.get(aggregate_id=str(other_order)).status == "sent"
     assert not OutboxEvent.objects.filter(aggregate_id=str(held_order), status="sent").exists()
 
+    make_due()  # the Created's retry time has come
     relay_until(lambda: not OutboxEvent.objects.filter(status="pending").exists(), timeout=30, message="drained")
     both = {"OrderCreated", "OrderCancelled"}
     records = read_topic(broker_outage.bootstrap, TOPIC, start=start, keys={str(held_order)},

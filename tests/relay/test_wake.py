@@ -93,6 +93,8 @@ def test_a_woken_run_follows_commits_without_queuing_runs_and_misses_none(broker
 @pytest.mark.django_db(transaction=True)
 def test_a_following_that_outlasts_a_queued_wake_up_ttl_queues_no_runs(broker, flag, queued, monkeypatch, settings):
     settings.OUTBOX_WAKE_EXPIRES, settings.OUTBOX_WAKE_LINGER = 1.0, 0.2
+    # The 11 iterations below take ~2.5 s here; the budget leaves a slow machine room to fit them in one run.
+    settings.OUTBOX_RUN_BUDGET = 60.0
     enqueue("long-0", "OrderCreated")
     queued.clear()
     real_run = wake.relay_run
