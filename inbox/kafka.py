@@ -3,6 +3,8 @@
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from django.conf import settings
 
+from ops.kafka_log import client_logger
+
 __all__ = ["Consumer", "KafkaError", "KafkaException", "Message", "TopicPartition", "build_consumer", "build_producer"]
 
 
@@ -16,6 +18,7 @@ def build_consumer(*, group_id: str) -> Consumer:
             # How long a fetch may wait at the broker for data. Kafka answers as soon as a byte is there; some
             # Kafka-protocol brokers hold the fetch for the whole wait, which then bounds the event's latency.
             "fetch.wait.max.ms": 25,
+            "logger": client_logger(),
             **settings.KAFKA_CONFIG,
             **settings.KAFKA_CONSUMER_CONFIG,
             "group.id": group_id,
@@ -32,6 +35,7 @@ def build_producer() -> Producer:
         {
             "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
             "message.timeout.ms": 10000,
+            "logger": client_logger(),
             **settings.KAFKA_CONFIG,
             **settings.KAFKA_PRODUCER_CONFIG,
             "enable.idempotence": True,
@@ -45,6 +49,7 @@ def build_offsets_reader(*, group_id: str) -> Consumer:
     fetches, nor stall its loop."""
     return Consumer({
         "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        "logger": client_logger(),
         **settings.KAFKA_CONFIG,
         **settings.KAFKA_CONSUMER_CONFIG,
         "group.id": group_id,

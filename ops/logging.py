@@ -5,7 +5,7 @@ import logging
 from datetime import datetime, timezone
 
 CONTEXT_FIELDS = ("event_id", "order_id", "event_type", "attempt", "group", "topic", "partition", "offset",
-                  "sent", "retrying", "dead_lettered")
+                  "sent", "retrying", "dead_lettered", "kafka_client")
 
 
 class JsonFormatter(logging.Formatter):

@@ -153,6 +153,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 KAFKA_BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 KAFKA_CONFIG = env_json("KAFKA_CONFIG")
 KAFKA_PRODUCER_CONFIG = env_json("KAFKA_PRODUCER_CONFIG")
+# librdkafka's own log lines (ops.kafka_log): the same line of one client about one broker at most once per this
+# many seconds, with the count of those held back.
+KAFKA_LOG_REPEAT_INTERVAL = env_float("KAFKA_LOG_REPEAT_INTERVAL", 60.0)
 KAFKA_CONSUMER_CONFIG = env_json("KAFKA_CONSUMER_CONFIG")
 
 # Outbox relay.

@@ -10,6 +10,7 @@ from typing import NamedTuple
 from confluent_kafka import KafkaError, KafkaException, Producer
 from django.conf import settings
 
+from ops.kafka_log import client_logger
 from ops.metrics import PRODUCER_REBUILT
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def producer_config() -> dict:
         "message.timeout.ms": timeout_ms,
         "request.timeout.ms": min(timeout_ms, 30000),
         "socket.keepalive.enable": True,
+        "logger": client_logger(),
         **settings.KAFKA_CONFIG,
         **settings.KAFKA_PRODUCER_CONFIG,
         # The guarantees the product is built on: not overridable.
@@ -185,7 +187,8 @@ def broker_metadata_reachable(*, timeout: float) -> None:
     """Raise unless a broker answers a metadata request within timeout seconds."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS, **settings.KAFKA_CONFIG,
+    admin = AdminClient({"bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS, "logger": client_logger(),
+                         **settings.KAFKA_CONFIG,
                          "socket.connection.setup.timeout.ms": int(timeout * 1000)})
     metadata = admin.list_topics(timeout=timeout)
     if not metadata.brokers:

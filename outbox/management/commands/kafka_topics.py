@@ -2,6 +2,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from ops.kafka_log import client_logger
+
 
 def project_topics() -> list[str]:
     return [
@@ -20,7 +22,8 @@ class Command(BaseCommand):
         parser.add_argument("--replication-factor", type=int, default=-1, help="-1: the broker's default")
 
     def handle(self, *args, create=False, partitions=6, replication_factor=-1, **options):
-        admin = AdminClient({"bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS, **settings.KAFKA_CONFIG})
+        admin = AdminClient({"bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS, "logger": client_logger(),
+                             **settings.KAFKA_CONFIG})
         existing = admin.list_topics(timeout=10).topics
         for topic in project_topics():
             if topic in existing:
