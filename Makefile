@@ -25,6 +25,7 @@ run: install
 	scripts/run-dev
 
 test: install
+	command -v promtool >/dev/null || scripts/system-deps prometheus  # promtool checks deploy/prometheus
 	scripts/test $(TEST_ARGS)
 
 # The lock, shared: the suite's database-restart tests (scripts/test) wait for the benchmarks, and the other way round.
