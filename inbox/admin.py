@@ -1,8 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from outbox.admin import ReadOnlyAdmin
 
 from .models import ConsumerDeadLetter, ProcessedEvent
+from .services import dead_letters_replay
 
 
 @admin.register(ProcessedEvent)
@@ -15,6 +16,18 @@ class ProcessedEventAdmin(ReadOnlyAdmin):
 
 @admin.register(ConsumerDeadLetter)
 class ConsumerDeadLetterAdmin(ReadOnlyAdmin):
-    list_display = ["topic", "partition", "offset", "event_id", "error", "attempts", "dlq_published", "created_at"]
-    list_filter = ["group_id", "dlq_published"]
+    list_display = ["topic", "partition", "offset", "event_id", "error", "attempts", "dlq_published", "created_at",
+                    "replay_outcome", "replayed_by", "replayed_at"]
+    list_filter = ["group_id", "dlq_published", "replay_outcome"]
     search_fields = ["=event_id"]
+    actions = ["replay"]
+
+    def has_replay_permission(self, request):
+        return request.user.has_perm("inbox.replay_consumerdeadletter")
+
+    @admin.action(description="Replay selected dead letters through their handler", permissions=["replay"])
+    def replay(self, request, queryset):
+        result = dead_letters_replay(dead_letters=queryset, user=request.user)
+        self.message_user(
+            request, f"Replayed: {result.applied} applied, {result.already_applied} already applied (skipped), "
+                     f"{result.failed} failed again.", messages.WARNING if result.failed else messages.SUCCESS)

@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -36,11 +37,17 @@ class ConsumerDeadLetter(models.Model):
     dlq_topic = models.CharField(max_length=255)
     dlq_published = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
+    # A replay (admin action or `replay_dead_letters`): who, when, and what came of it.
+    replayed_at = models.DateTimeField(null=True, blank=True)
+    replayed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    replay_outcome = models.CharField(max_length=32, blank=True, default="")  # applied, already applied, failed
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["group_id", "topic", "partition", "offset"], name="inbox_dead_letter_once")
         ]
+        permissions = [("replay_consumerdeadletter", "Can replay consumer dead letters")]
 
     def __str__(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}: {self.error[:60]}"

@@ -3,6 +3,7 @@
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -173,6 +174,45 @@ def dead_letter_record(*, group_id: str, raw: RawMessage, error: str, attempts: 
         },
     )
     return record
+
+
+@dataclass
+class ReplayResult:
+    applied: int = 0
+    already_applied: int = 0
+    failed: int = 0
+
+
+def dead_letters_replay(*, dead_letters, user) -> ReplayResult:
+    """Apply the given consumer dead letters through their handlers, in the same dedupe transaction as normal
+    consumption: an event the group has applied since (or before) is skipped, so a replay is safe to repeat.
+
+    Each record keeps who replayed it, when, and the outcome; one that fails again stays a dead letter with the
+    new error and one more attempt. Kafka is not touched: the original offsets were committed long ago.
+    """
+    result = ReplayResult()
+    for record in dead_letters.order_by("group_id", "topic", "partition", "offset"):
+        raw = RawMessage(
+            topic=record.topic, partition=record.partition, offset=record.offset, key=record.key.encode(),
+            value=record.value.encode(), headers=[(name, str(value).encode()) for name, value in record.headers.items()],
+        )
+        try:
+            duplicates = inbound_events_apply(group_id=record.group_id, batch=[(inbound_event_parse(raw), raw)])
+        except Exception as exc:  # still poison, or the handler still fails
+            record.error, record.attempts, record.replay_outcome = f"replay failed: {exc!r}", record.attempts + 1, "failed"
+            result.failed += 1
+        else:
+            record.replay_outcome = "already applied" if duplicates else "applied"
+            if duplicates:
+                result.already_applied += 1
+            else:
+                result.applied += 1
+        record.replayed_at, record.replayed_by = timezone.now(), user
+        record.save(update_fields=["error", "attempts", "replay_outcome", "replayed_at", "replayed_by"])
+        logger.info("consumer dead letter %s[%d]@%d replayed by %s: %s", record.topic, record.partition,
+                    record.offset, user, record.replay_outcome,
+                    extra={"event_id": record.event_id, "group": record.group_id})
+    return result
 
 
 def processed_events_purge(*, older_than: timedelta | None = None, batch_size: int = 1000) -> int:
