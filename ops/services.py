@@ -38,3 +38,22 @@ def _kafka() -> None:
 
 def readiness_checks() -> dict[str, dict]:
     return {"database": _timed(_database), "redis": _timed(_redis), "kafka": _timed(_kafka)}
+
+
+def consumer_progress() -> list[dict]:
+    """Per consumer group, from the database: events applied, the last one's time and how long ago (the overview's
+    view of the consumer; the lag itself is the consumer's `inbox_consumer_lag` gauge)."""
+    from django.db.models import Count, Max
+    from django.utils import timezone
+
+    from inbox.models import ConsumerDeadLetter, ProcessedEvent
+
+    dead = dict(ConsumerDeadLetter.objects.exclude(replay_outcome__in=["applied", "already applied"])
+                .values_list("group_id").annotate(n=Count("id")))
+    now = timezone.now()
+    return [
+        {"group": row["group_id"], "applied": row["n"], "last_applied": row["last"],
+         "since_last_applied": now - row["last"], "dead_letters": dead.get(row["group_id"], 0)}
+        for row in ProcessedEvent.objects.values("group_id").annotate(n=Count("id"), last=Max("processed_at"))
+        .order_by("group_id")
+    ]

@@ -4,9 +4,11 @@ from django.core.exceptions import PermissionDenied
 
 from django.contrib import admin, messages
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
+
+from ops.services import consumer_progress, readiness_checks
 
 from .models import FailedEvent, OutboxEvent
 from .selectors import outbox_overview
@@ -32,13 +34,24 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def payload_pretty(self, obj):
         return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
 
+    @admin.display(description="order", ordering="aggregate_id")
+    def aggregate_link(self, obj):
+        """The aggregate id, linked to its order's admin page."""
+        if obj.aggregate_type == "order":
+            try:
+                return format_html('<a href="{}">{}</a>', reverse("admin:orders_order_change", args=[obj.aggregate_id]),
+                                   obj.aggregate_id)
+            except NoReverseMatch:  # not an order id (a test's or another service's aggregate)
+                pass
+        return f"{obj.aggregate_type}:{obj.aggregate_id}"
+
     def _report_requeued(self, request, count):
         self.message_user(request, f"Requeued {count} event(s).", messages.SUCCESS if count else messages.WARNING)
 
 
 @admin.register(OutboxEvent)
 class OutboxEventAdmin(ReadOnlyAdmin):
-    list_display = ["id", "event_type", "aggregate_type", "aggregate_id", "status", "attempts", "available_at",
+    list_display = ["id", "event_type", "aggregate_link", "status", "attempts", "available_at",
                     "created_age", "published_at", "kafka_position"]
     list_filter = ["status", "event_type", "aggregate_type"]
     search_fields = ["=event_id", "=aggregate_id"]
@@ -54,7 +67,8 @@ class OutboxEventAdmin(ReadOnlyAdmin):
     def overview_view(self, request):
         if not self.has_view_permission(request):
             raise PermissionDenied
-        context = {**self.admin_site.each_context(request), "title": "Outbox overview", "overview": outbox_overview()}
+        context = {**self.admin_site.each_context(request), "title": "Outbox overview", "overview": outbox_overview(),
+                   "checks": readiness_checks(), "consumers": consumer_progress()}
         return TemplateResponse(request, "admin/outbox/overview.html", context)
 
     @admin.display(description="age")
@@ -69,7 +83,7 @@ class OutboxEventAdmin(ReadOnlyAdmin):
 
 @admin.register(FailedEvent)
 class FailedEventAdmin(ReadOnlyAdmin):
-    list_display = ["event_id", "event_type", "aggregate_id", "status", "attempts", "short_error", "age",
+    list_display = ["event_id", "event_type", "aggregate_link", "status", "attempts", "short_error", "age",
                     "dlq_attempts", "requeued_by", "requeued_at"]
     list_filter = ["status", "event_type"]
     search_fields = ["=event_id", "=aggregate_id"]

@@ -86,6 +86,26 @@ def test_admin_overview_shows_orders_held_behind_a_failing_event(api, broker_out
     held = page.context["overview"]["held"]
     assert [(h["aggregate_id"], h["event_type"], h["events_behind"]) for h in held] == [(str(order_id), "OrderCreated", 1)]
     assert page.context["overview"]["counts"]["pending"] == 2
+    # The health of what the relay needs, as /readyz sees it: the broker is the one down.
+    checks = page.context["checks"]
+    assert checks["kafka"]["ok"] is False and checks["database"]["ok"] and checks["redis"]["ok"]
+    assert "<strong>failing</strong>" in page.content.decode()
+    # Each event's order id links to the order.
+    listing = client.get("/admin/outbox/outboxevent/").content.decode()
+    assert f'href="/admin/orders/order/{order_id}/change/"' in listing
+
+
+def test_admin_overview_shows_what_each_consumer_group_applied(django_user_model):
+    from inbox.models import ProcessedEvent
+
+    ProcessedEvent.objects.create(group_id="order-stats", event_id="e-1", event_type="OrderCreated", topic="t",
+                                  partition=0, offset=0)
+    ProcessedEvent.objects.create(group_id="order-stats", event_id="e-2", event_type="OrderCreated", topic="t",
+                                  partition=0, offset=1)
+    _, client = staff_client(django_user_model, "ops", "view_outboxevent")
+    page = client.get("/admin/outbox/outboxevent/overview/")
+    (group,) = page.context["consumers"]
+    assert (group["group"], group["applied"], group["dead_letters"]) == ("order-stats", 2, 0)
 
 
 def test_admin_overview_requires_view_permission(django_user_model):
