@@ -5,13 +5,12 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.core.management import call_command
-from django.test import Client
 
 from inbox.models import ConsumerDeadLetter, ProcessedEvent
 from stats.models import CustomerStats
 from tests.inbox.test_consumer import consume, created, event_headers, produce
+from tests.outbox.test_admin import staff_client
 from tests.testhandlers import handlers as test_handlers
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -39,14 +38,6 @@ def dead_letter(broker, topics, monkeypatch):
     assert record.event_id == headers["id"] and not CustomerStats.objects.filter(customer_id="c-replay").exists()
     monkeypatch.setitem(test_handlers.fail_times, "TestFlaky", 0)  # the handler is fixed
     return record
-
-
-def staff_client(django_user_model, username, *perms):
-    user = django_user_model.objects.create_user(username=username, password="pw", is_staff=True)
-    user.user_permissions.add(*Permission.objects.filter(codename__in=perms))
-    client = Client()
-    client.force_login(user)
-    return user, client
 
 
 def test_replay_from_the_admin_applies_it_once_and_a_second_replay_skips_it(dead_letter, django_user_model):
