@@ -4,7 +4,6 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from django.conf import settings
@@ -55,8 +54,6 @@ class EventConsumer:
         self._dlq_producer = None
         self._rebalanced = False
         self._heartbeat = _Heartbeat(group_id)
-        self._applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-apply")
-        self._applying = None  # (future, messages) of the batch the applier thread is applying
 
     def stop(self, *_args) -> None:
         self.stopping = True
@@ -66,12 +63,7 @@ class EventConsumer:
         signal.signal(signal.SIGINT, self.stop)
 
     def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> dict:
-        """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle).
-
-        Two stages overlap: while the applier thread applies a batch in its database transaction, this thread
-        takes and parses the next one. Batches are still applied one after the other, in offset order, and a
-        batch's offsets are stored only once its transaction has committed.
-        """
+        """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle)."""
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._heartbeat.start()
         handled = 0
@@ -81,46 +73,30 @@ class EventConsumer:
                 limit = self.batch_size if max_messages is None else min(self.batch_size, max_messages - handled)
                 messages = self._next_batch(limit)
                 if not messages:
-                    self._finish_applying()
                     if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                         break
                     continue
-                parsed = self._parse(messages)
-                self._finish_applying()
-                self._applying = (self._applier.submit(self._process, parsed), messages)
+                self._process(messages)
+                # Only now are the batch's effects (or its dead letters) durable: commit past them.
+                self._consumer.store_offsets(offsets=self._next_offsets(messages))
+                self._consumer.commit(asynchronous=True)
+                self._heartbeat.applied()
                 handled += len(messages)
                 idle_since = time.monotonic()
                 if max_messages is not None and handled >= max_messages:
                     break
-            self._finish_applying()
         finally:
-            self._applying = None  # after a failure: its offsets are not stored, the batch comes back
             self._commit_sync()
             self._consumer.close()
             self._heartbeat.stop()
-            self._applier.submit(lambda: connection.close()).result()  # the applier thread's own connection
-            self._applier.shutdown()
             if self._dlq_producer is not None:
                 self._dlq_producer.flush(10)
         return self.stats
 
-    def _finish_applying(self) -> None:
-        """Wait for the batch being applied, then store its offsets: only now are its effects (or its dead
-        letters) durable, so the group may commit past them."""
-        if self._applying is None:
-            return
-        future, messages = self._applying
-        future.result()  # re-raises what stopped the batch (the database lost while stopping)
-        self._applying = None
-        self._consumer.store_offsets(offsets=self._next_offsets(messages))
-        self._consumer.commit(asynchronous=True)
-        self._heartbeat.applied()
-
     def _next_batch(self, limit: int) -> list[kafka.Message]:
         """Wait (briefly) for one message, then take whatever else has already arrived, up to limit: a lone
         event is applied at once, a backlog in batches."""
-        # While a batch is being applied, look back soon to store its offsets.
-        first = self._consumer.poll(0.5 if self._applying is None else 0.005)
+        first = self._consumer.poll(0.5)
         self._heartbeat.polled()
         if first is None:
             return []
@@ -150,24 +126,15 @@ class EventConsumer:
             last[key] = max(last.get(key, -1), message.offset())
         return [kafka.TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
-    def _parse(self, messages: list[kafka.Message]) -> tuple[list[tuple[InboundEvent, RawMessage]], list[tuple[RawMessage, str]]]:
-        """(the events, the poison messages with their error), in offset order. No database work: this runs
-        while the previous batch is applied."""
-        batch, poison = [], []
+    def _process(self, messages: list[kafka.Message]) -> None:
+        self.stats["batches"] += 1
+        batch: list[tuple[InboundEvent, RawMessage]] = []
         for message in messages:
             raw = _raw(message)
             try:
                 batch.append((inbound_event_parse(raw), raw))
             except PoisonMessage as exc:
-                poison.append((raw, f"poison message: {exc}"))
-        return batch, poison
-
-    def _process(self, parsed) -> None:
-        """On the applier thread: the batch's poison messages to the DLQ, then its events in one transaction."""
-        batch, poison = parsed
-        self.stats["batches"] += 1
-        for raw, error in poison:
-            self._dead_letter(raw, error, attempts=1)
+                self._dead_letter(raw, f"poison message: {exc}", attempts=1)
         if not batch:
             return
         try:
@@ -287,11 +254,9 @@ class EventConsumer:
         self._heartbeat.assigned(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
-        # Commits what earlier batches applied (the one being applied first finishes); the batch being taken
-        # keeps only what this consumer still owns.
+        # Commits what earlier batches applied; the batch being taken keeps only what this consumer still owns.
         self._rebalanced = True
         self._heartbeat.assigned([])
-        self._finish_applying()
         self._commit_sync()
 
     def _commit_sync(self) -> None:
