@@ -139,7 +139,7 @@ def raw_sql_ceiling(topic: str) -> float:
     from inbox.models import ProcessedEvent
     from ops.db import db_datetime, sql_literals
     from outbox.models import OutboxEvent
-    from stats.handlers import _UPSERT  # the projection's own statement
+    from stats.handlers import stats_upsert_sql  # the projection's own statement
 
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT event_id, event_type, payload, kafka_partition, kafka_offset "
@@ -165,7 +165,6 @@ def raw_sql_ceiling(topic: str) -> float:
                 created = event_type == "OrderCreated"
                 change[0 if created else 1] += 1
                 change[2] += total if created else -total
-            upsert_rows = [(customer, *changes[customer], now) for customer in sorted(changes)]
             # Values written into the statements as the consumer writes them (ops.db.sql_literals): the cheapest
             # way to build them, so that the ceiling is the database's.
             sql_literal = sql_literals()
@@ -179,9 +178,7 @@ def raw_sql_ceiling(topic: str) -> float:
                 cursor.execute(insert + ",".join(
                     f"({group},{event_id},{kinds[e[1]]},{topic_literal},{int(e[4])},{int(e[5])},{at})"
                     for event_id, e in zip(ids, batch)))
-                cursor.execute(_UPSERT.format(values=", ".join(
-                    f"({sql_literal(customer)}, {int(created)}, {int(cancelled)}, '{spent:f}', {at})"
-                    for customer, created, cancelled, spent, _ in upsert_rows)))
+                cursor.execute(stats_upsert_sql(sql_literal, changes, now=at))
     assert processed_count(group_id) == len(events)
     return t.seconds
 

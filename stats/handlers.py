@@ -39,13 +39,18 @@ def project_order_events(events: list[InboundEvent]) -> None:
             change[1] += 1
             change[2] -= Decimal(event.payload["total"])
     literal = sql_literals()
-    now = literal(db_datetime(timezone.now()))
-    # In key order, so that consumers of other partitions upserting the same customers lock them in one order.
-    # Values written into the statement (see inbox.services): the customer id escaped by the driver, the counts
-    # as integers, the amount as a quoted plain decimal (never an exponent, never a float).
-    values = ", ".join(
+    with connection.cursor() as cursor:
+        cursor.execute(stats_upsert_sql(literal, changes, now=literal(db_datetime(timezone.now()))))
+
+
+def stats_upsert_sql(literal, changes: dict[str, list], *, now: str) -> str:
+    """The one statement that applies per-customer changes (customer id -> [created, cancelled, total spent]).
+
+    In key order, so that consumers of other partitions upserting the same customers lock them in one order.
+    Values written into the statement (see inbox.services): the customer id escaped by the driver, the counts
+    as integers, the amount as a quoted plain decimal (never an exponent, never a float).
+    """
+    return _UPSERT.format(values=", ".join(
         f"({literal(customer)}, {int(created)}, {int(cancelled)}, '{spent:f}', {now})"
         for customer, (created, cancelled, spent) in sorted(changes.items())
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(_UPSERT.format(values=values))
+    ))
