@@ -185,7 +185,7 @@ def consumer_report(c: dict, deployed: dict | None) -> list[str]:
         "\n## Consumer apply rate (the same backlog, `consume_events` as deployed, batches of up to 500)\n",
         f"- {a['events']:,} events: relay drain as deployed (above): **{relay_rate:,.0f} events/s**; by "
         f"`relay_outbox --until-empty`, process start to exit: {a['relay_rate']:,.0f} events/s",
-        f"- raw SQL ceiling of the same writes (one connection, per 500: dedupe SELECT, multi-row INSERT, stats "
+        f"- raw SQL ceiling of the same writes (one connection, per 500: multi-row INSERT of the ids, stats "
         f"upsert, COMMIT): **{a['raw_sql_rate']:,.0f} rows/s**",
         apply_line("one `consume_events` process", a["consumer_1"]),
         apply_line("two `consume_events` processes in one group", a["consumer_2"]),

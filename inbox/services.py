@@ -8,10 +8,10 @@ from datetime import timedelta
 from typing import NamedTuple
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from ops.db import db_datetime, delete_in_batches, sql_literals
+from ops.db import db_datetime, delete_in_batches, duplicate_key, sql_literals
 
 from .models import ConsumerDeadLetter, ProcessedEvent
 from .registry import handler_for
@@ -82,26 +82,36 @@ def inbound_events_apply(
 ) -> list[tuple[InboundEvent, RawMessage]]:
     """Apply, in one transaction, the events of `batch` (in offset order) that this group has not applied yet.
 
-    The ids already recorded are found in one query and the new ones recorded in one multi-row insert; an id
-    seen twice in the batch is applied once. Returns the duplicates that were skipped. A consumer of the same
-    group recording one of these ids meanwhile (a rebalance) makes the insert fail and the whole batch roll
-    back: run it again and that id is a duplicate.
+    An id seen twice in the batch is applied once. The new ids are recorded in one multi-row insert, tried first
+    on its own: almost every batch is all new, and then no query looks for duplicates. When the insert hits an
+    id already recorded (a redelivery after a crash or a rebalance), it is undone, the ids already recorded are
+    found in one query, and only the others are recorded and applied. A consumer of the same group recording
+    one of these ids meanwhile makes the insert wait for its commit and then hit that id. Returns the duplicates
+    that were skipped.
     """
     with transaction.atomic():
         literal = sql_literals()
-        ids = {event.event_id: literal(event.event_id) for event, _ in batch}
-        recorded = _recorded_ids(literal(group_id), ids)
-        rows, duplicates, fresh = [], [], []
+        group = literal(group_id)
+        ids: dict[str, str] = {}  # event id -> its literal, in batch order
+        fresh, duplicates = [], []
         for event, raw in batch:
-            if event.event_id in recorded:
+            if event.event_id in ids:
                 duplicates.append((event, raw))
-                continue
-            recorded.add(event.event_id)
-            fresh.append(event)
-            rows.append((ids[event.event_id], event.event_type, raw.topic, raw.partition, raw.offset))
-        if rows:
-            _record_processed(literal, literal(group_id), rows)
-        _run_handlers(fresh)
+            else:
+                ids[event.event_id] = literal(event.event_id)
+                fresh.append((event, raw))
+        try:
+            with transaction.atomic():  # a savepoint: a duplicate key undoes this insert only
+                _record_processed(literal, group, [(ids[event.event_id], event, raw) for event, raw in fresh])
+        except IntegrityError as exc:
+            if not duplicate_key(exc):
+                raise
+            recorded = _recorded_ids(group, ids)
+            duplicates += [(event, raw) for event, raw in fresh if event.event_id in recorded]
+            fresh = [(event, raw) for event, raw in fresh if event.event_id not in recorded]
+            if fresh:
+                _record_processed(literal, group, [(ids[event.event_id], event, raw) for event, raw in fresh])
+        _run_handlers([event for event, _ in fresh])
     return duplicates
 
 
@@ -112,7 +122,7 @@ _PROCESSED_COLUMNS = ", ".join(
 )
 
 
-# Plain SQL for the two statements every batch runs: building them through the ORM (bulk_create, a 500-value
+# Plain SQL for the batch statements: building them through the ORM (bulk_create, a 500-value
 # IN lookup), or even passing their values as parameters, cost more CPU than the database's work. Each event id
 # is escaped once for both; the batch's constants once per batch.
 def _recorded_ids(group: str, id_literals: dict[str, str]) -> set[str]:
@@ -124,8 +134,8 @@ def _recorded_ids(group: str, id_literals: dict[str, str]) -> set[str]:
         return {row[0] for row in cursor.fetchall()}
 
 
-def _record_processed(literal, group: str, rows: list[tuple[str, str, str, int, int]]) -> None:
-    """rows: (event id literal, event type, topic, partition, offset)."""
+def _record_processed(literal, group: str, rows: list[tuple[str, InboundEvent, RawMessage]]) -> None:
+    """rows: (event id literal, event, message)."""
     now = literal(db_datetime(timezone.now()))
     literals: dict[str, str] = {}  # a batch has few event types and topics
 
@@ -135,8 +145,9 @@ def _record_processed(literal, group: str, rows: list[tuple[str, str, str, int, 
         return literals[value]
 
     values = ", ".join(
-        f"({group}, {event_id}, {text(event_type)}, {text(topic)}, {int(partition)}, {int(offset)}, {now})"
-        for event_id, event_type, topic, partition, offset in rows
+        f"({group}, {event_id}, {text(event.event_type)}, {text(raw.topic)}, {int(raw.partition)}, {int(raw.offset)}, "
+        f"{now})"
+        for event_id, event, raw in rows
     )
     with connection.cursor() as cursor:
         cursor.execute(f"INSERT INTO {_PROCESSED_TABLE} ({_PROCESSED_COLUMNS}) VALUES {values}")

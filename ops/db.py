@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from datetime import datetime
 
-from django.db import OperationalError, connection
+from django.db import IntegrityError, OperationalError, connection
 from django.db.models import QuerySet
 
 # InnoDB rolled the transaction back as a deadlock victim (1213), or it waited too long for a row lock (1205):
@@ -13,6 +13,14 @@ LOCK_CONFLICT_CODES = frozenset({1205, 1213})
 
 def lock_conflict(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in LOCK_CONFLICT_CODES
+
+
+# A unique key already holds the value (MySQL and MariaDB: ER_DUP_ENTRY).
+DUPLICATE_KEY_CODE = 1062
+
+
+def duplicate_key(exc: BaseException) -> bool:
+    return isinstance(exc, IntegrityError) and bool(exc.args) and exc.args[0] == DUPLICATE_KEY_CODE
 
 
 def db_datetime(value: datetime):

@@ -129,6 +129,25 @@ def test_duplicates_inside_one_batch_are_applied_once(broker, topic, dlq):
     assert list(ProcessedEvent.objects.order_by("id").values_list("offset", flat=True)) == [0, 1, 3]
 
 
+def test_a_batch_of_recorded_and_new_ids_applies_only_the_new_ones_in_one_transaction(broker, topic, dlq):
+    group_id, seen = f"test-{uuid.uuid4().hex[:8]}", event_headers()
+    produce(broker.bootstrap, topic, value=created(total="1.00"), headers=seen)
+    EventConsumer(group_id=group_id, topics=[topic], dlq_topic=dlq, max_attempts=3, backoff_base=0.01).run(
+        max_messages=1, idle_timeout=30)
+    # Redelivered (a producer that retried, a replay) next to new ones: the batch's insert hits the recorded id.
+    for headers, total in ((event_headers(), "2.00"), (seen, "1.00"), (event_headers(), "4.00")):
+        produce(broker.bootstrap, topic, value=created(total=total), headers=headers)
+
+    consumer = EventConsumer(group_id=group_id, topics=[topic], dlq_topic=dlq, max_attempts=3, backoff_base=0.01)
+    consumer.run(max_messages=3, idle_timeout=30)
+
+    assert outcome(consumer) == {"applied": 2, "duplicates": 1, "dead_lettered": 0}
+    assert (consumer.stats["batches"], consumer.stats["batch_fallbacks"]) == (1, 0)
+    assert (stats().orders_created, stats().total_spent) == (3, Decimal("7.00"))
+    assert list(ProcessedEvent.objects.filter(group_id=group_id).order_by("offset").values_list("offset", flat=True)) \
+        == [0, 1, 3]
+
+
 AWKWARD = ["o'brien", 'say "hi"', "back\\slash", "100%s %d", "'); DROP TABLE stats_customerstats; --",
            "ünïcødé ✓ 😀", "tab\tand\nnewline"]
 
