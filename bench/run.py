@@ -98,7 +98,7 @@ def report(results: dict) -> str:
     best_batch = max(d["relay_rate_by_batch"], key=d["relay_rate_by_batch"].get)
     default_rate = d["relay_rate_by_batch"][d["default_batch"]]
     lines = [
-        f"# Benchmarks\n",
+        "# Benchmarks\n",
         f"Made by `make bench` on {results['when']} ({results['machine']}), MariaDB, Redis and the Tansu broker",
         "on the same machine. Figures from one run; ratios are measured side by side in that run.\n",
         "## Relay drain (pre-filled outbox, acks=all, idempotent producer)\n",
