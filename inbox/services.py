@@ -58,14 +58,16 @@ def _canonical_id(event_id: str) -> str:
 
 def inbound_event_parse(raw: RawMessage) -> InboundEvent:
     headers = raw.text_headers()
-    event_id, event_type = headers.get("id", "").strip(), headers.get("eventType", "").strip()
+    # The relay's and the CDC connector's own headers, else CloudEvents' (a producer that sends only those).
+    event_id = (headers.get("id") or headers.get("ce_id") or "").strip()
+    event_type = (headers.get("eventType") or headers.get("ce_type") or "").strip()
     if not event_id:
-        raise PoisonMessage("missing 'id' header")
+        raise PoisonMessage("missing 'id' header (or CloudEvents' 'ce_id')")
     event_id = _canonical_id(event_id)
     if len(event_id) > 64:
         raise PoisonMessage("'id' header longer than 64 characters")
     if not event_type:
-        raise PoisonMessage("missing 'eventType' header")
+        raise PoisonMessage("missing 'eventType' header (or CloudEvents' 'ce_type')")
     if handler_for(event_type) is None:
         raise PoisonMessage(f"no handler for event type {event_type!r}")
     try:

@@ -161,6 +161,8 @@ KAFKA_CONSUMER_CONFIG = env_json("KAFKA_CONSUMER_CONFIG")
 # Outbox relay.
 OUTBOX_TOPIC_PREFIX = os.environ.get("OUTBOX_TOPIC_PREFIX", "outbox.event.")
 OUTBOX_DLQ_TOPIC = os.environ.get("OUTBOX_DLQ_TOPIC", "outbox.dlq")
+# CloudEvents' `source` of every published event (the ce_source header): a URI reference naming this service.
+OUTBOX_CLOUDEVENTS_SOURCE = os.environ.get("OUTBOX_CLOUDEVENTS_SOURCE", "/order-service")
 OUTBOX_RELAY_ENABLED = env_bool("OUTBOX_RELAY_ENABLED", True)
 OUTBOX_BATCH_SIZE = env_int("OUTBOX_BATCH_SIZE", 1000)
 OUTBOX_POLL_INTERVAL = env_float("OUTBOX_POLL_INTERVAL", 1.0)

@@ -22,6 +22,7 @@ TABLE = OutboxEvent._meta.db_table
 # extra id conditions, the optimizer was seen choosing another index and a filesort, which under
 # FOR UPDATE would lock every pending row it sorts.
 CLAIM_INDEX = "outbox_claim_idx"
+CLOUDEVENTS_SPEC_VERSION = "1.0"
 
 
 @dataclass
@@ -35,30 +36,39 @@ class Claimed:
     occurred_at: datetime  # naive UTC, as the raw cursor returns it
     attempts: int
     topic: str = ""  # OUTBOX_TOPIC_PREFIX + aggregate_type; the claim reads the setting once per batch
+    source: str = ""  # OUTBOX_CLOUDEVENTS_SOURCE, read once per batch too
 
     def __post_init__(self):
         if not self.topic:
             self.topic = settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
+        if not self.source:
+            self.source = settings.OUTBOX_CLOUDEVENTS_SOURCE
+
+    def header_items(self) -> list[tuple[str, str]]:
+        occurred_at = self.occurred_at.isoformat() + "+00:00"  # RFC 3339, as CloudEvents' time wants it
+        return [
+            ("id", self.event_id),
+            ("eventType", self.event_type),
+            ("aggregateType", self.aggregate_type),
+            ("aggregateId", self.aggregate_id),
+            ("occurredAt", occurred_at),
+            # The CloudEvents Kafka binding, binary mode: a consumer built on a CloudEvents SDK reads the message
+            # as an event whose data is the value. The headers above stay for everything written against them.
+            ("ce_specversion", CLOUDEVENTS_SPEC_VERSION),
+            ("ce_id", self.event_id),
+            ("ce_type", self.event_type),
+            ("ce_source", self.source),
+            ("ce_time", occurred_at),
+            ("ce_subject", self.aggregate_id),
+            ("content-type", "application/json"),
+        ]
 
     def headers(self) -> dict[str, str]:
-        return {
-            "id": self.event_id,
-            "eventType": self.event_type,
-            "aggregateType": self.aggregate_type,
-            "aggregateId": self.aggregate_id,
-            "occurredAt": self.occurred_at.isoformat() + "+00:00",
-        }
+        return dict(self.header_items())
 
     def message(self) -> kafka.Message:
-        # Built for every event published, so the headers are not taken from headers()' dict (same names, order).
-        key = self.aggregate_id.encode()
-        return kafka.Message(self.topic, key, self.payload.encode(), [
-            ("id", self.event_id.encode()),
-            ("eventType", self.event_type.encode()),
-            ("aggregateType", self.aggregate_type.encode()),
-            ("aggregateId", key),
-            ("occurredAt", (self.occurred_at.isoformat() + "+00:00").encode()),
-        ])
+        return kafka.Message(self.topic, self.aggregate_id.encode(), self.payload.encode(),
+                             [(name, value.encode()) for name, value in self.header_items()])
 
     def log_context(self, attempt: int) -> dict:
         return {"event_id": self.event_id, "order_id": self.aggregate_id, "event_type": self.event_type,
@@ -114,11 +124,11 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
     with connection.cursor() as cursor:
         cursor.execute(claim_sql(skip_ranges=skip_ranges), [db_datetime(now), batch_size])
         rows = cursor.fetchall()
-    prefix = settings.OUTBOX_TOPIC_PREFIX
+    prefix, source = settings.OUTBOX_TOPIC_PREFIX, settings.OUTBOX_CLOUDEVENTS_SOURCE
     return [
         Claimed(
             id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
-            payload=r[5], occurred_at=r[6], attempts=r[7], topic=prefix + r[2],
+            payload=r[5], occurred_at=r[6], attempts=r[7], topic=prefix + r[2], source=source,
         )
         for r in rows
     ]

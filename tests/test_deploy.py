@@ -74,6 +74,11 @@ def _as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+# Headers whose value is the same for every event: not a column. ce_source is the setting of that name.
+CONSTANT_HEADERS = {"ce_specversion": "1.0", "content-type": "application/json",
+                    "ce_source": "${env:OUTBOX_CLOUDEVENTS_SOURCE}"}
+
+
 def _relay_header_columns() -> dict[str, str]:
     """Header name -> outbox column, as the Celery relay sends them (Claimed's fields are the column names)."""
     row = _sample_claimed()
@@ -83,6 +88,8 @@ def _relay_header_columns() -> dict[str, str]:
     }
     columns = {}
     for name, value in row.headers().items():
+        if name in CONSTANT_HEADERS:
+            continue
         if value in by_value:
             columns[name] = by_value[value]
         else:
@@ -90,6 +97,12 @@ def _relay_header_columns() -> dict[str, str]:
             assert _as_utc(datetime.fromisoformat(value)) == _as_utc(OCCURRED_AT), (name, value)
             columns[name] = "occurred_at"
     return columns
+
+
+def _relay_constant_headers() -> dict[str, str]:
+    headers = _sample_claimed().headers()
+    assert headers["ce_source"] == settings.OUTBOX_CLOUDEVENTS_SOURCE
+    return {name: value for name, value in headers.items() if name in CONSTANT_HEADERS}
 
 
 def _cdc_header_columns(connector: dict[str, str]) -> dict[str, str]:
@@ -102,6 +115,18 @@ def _cdc_header_columns(connector: dict[str, str]) -> dict[str, str]:
             name = alias[0] if alias else column
             assert name not in headers, f"header {name!r} would be sent twice"
             headers[name] = column
+    return headers
+
+
+def _cdc_constant_headers(connector: dict[str, str]) -> dict[str, str]:
+    """Header name -> value, as the InsertHeader transforms after the router add them."""
+    transforms = _split(connector["transforms"])
+    assert transforms[0] == "outbox"
+    headers = {}
+    for name in transforms[1:]:
+        prefix = f"transforms.{name}."
+        assert connector[prefix + "type"] == "org.apache.kafka.connect.transforms.InsertHeader"
+        headers[connector[prefix + "header"]] = connector[prefix + "value.literal"]
     return headers
 
 
@@ -169,8 +194,11 @@ def test_topic_key_and_value_match_the_relay(connector):
 
 def test_headers_are_the_ones_the_relay_sends(connector):
     relay = _relay_header_columns()
-    assert set(relay) == {"id", "eventType", "aggregateType", "aggregateId", "occurredAt"}
+    assert set(relay) == {"id", "eventType", "aggregateType", "aggregateId", "occurredAt",
+                          "ce_id", "ce_type", "ce_time", "ce_subject"}
     assert _cdc_header_columns(connector) == relay
+    relay_constants = _relay_constant_headers()
+    assert {**relay_constants, "ce_source": CONSTANT_HEADERS["ce_source"]} == _cdc_constant_headers(connector)
     # Timestamps as ISO 8601 text, not epoch microseconds (Debezium's default for DATETIME(6)).
     assert connector["time.precision.mode"] == "connect"
 

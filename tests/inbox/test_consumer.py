@@ -148,6 +148,26 @@ def test_a_batch_of_recorded_and_new_ids_applies_only_the_new_ones_in_one_transa
         == [0, 1, 3]
 
 
+def test_a_message_with_only_cloudevents_headers_is_applied(broker, topic, dlq):
+    from cloudevents.core.bindings.kafka import to_binary_event
+    from cloudevents.core.v1.event import CloudEvent
+
+    event_id = str(uuid.uuid4())
+    message = to_binary_event(CloudEvent(
+        {"id": event_id, "source": "/another-producer", "type": "OrderCreated", "specversion": "1.0",
+         "datacontenttype": "application/json", "partitionkey": "1"}, created(total="3.00")))
+    assert "id" not in message.headers and "eventType" not in message.headers
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    producer.produce(topic, key=message.key, value=message.value, headers=list(message.headers.items()))
+    assert producer.flush(10) == 0
+
+    consumer = consume(topic, dlq, expect=1)
+
+    assert outcome(consumer) == {"applied": 1, "duplicates": 0, "dead_lettered": 0}
+    assert (stats().orders_created, stats().total_spent) == (1, Decimal("3.00"))
+    assert ProcessedEvent.objects.get().event_id == event_id
+
+
 AWKWARD = ["o'brien", 'say "hi"', "back\\slash", "100%s %d", "'); DROP TABLE stats_customerstats; --",
            "ünïcødé ✓ 😀", "tab\tand\nnewline"]
 
