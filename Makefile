@@ -24,7 +24,14 @@ lock: install
 run: install
 	scripts/run-dev
 
-test: install
+# The AsyncAPI parser that validates docs/asyncapi.yaml (tests/test_asyncapi.py), from its lock file.
+ASYNCAPI_TOOLS := scripts/asyncapi/node_modules/.installed
+$(ASYNCAPI_TOOLS): scripts/asyncapi/package-lock.json
+	command -v npm >/dev/null || scripts/system-deps nodejs npm
+	npm ci --prefix scripts/asyncapi --no-audit --no-fund --silent
+	touch $@
+
+test: install $(ASYNCAPI_TOOLS)
 	command -v promtool >/dev/null || scripts/system-deps prometheus  # promtool checks deploy/prometheus
 	scripts/test $(TEST_ARGS)
 

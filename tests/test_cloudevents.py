@@ -8,6 +8,7 @@ from cloudevents.core.bindings import kafka as cloudevents_kafka
 
 from outbox.models import OutboxEvent
 from relay.services import relay_run
+from tests.contract import assert_matches_contract
 from tests.kafka_tools import high_watermarks, read_topic
 
 TOPIC = "outbox.event.order"
@@ -33,6 +34,7 @@ def test_the_relays_messages_read_as_cloudevents_with_the_rows_attributes_and_da
     records = read_topic(broker.bootstrap, TOPIC, start=start, keys={order_id}, until=lambda rs: len(rs) >= 2)
     rows = {str(row.event_id): row for row in OutboxEvent.objects.filter(aggregate_id=order_id)}
     for record in records:
+        assert_matches_contract(record)
         event = as_cloudevent(record)
         row = rows[event.get_id()]
         assert event.get_specversion() == "1.0"

@@ -23,6 +23,7 @@ import uuid
 import MySQLdb
 import pytest
 
+from tests.contract import assert_matches_contract
 from tests.kafka_tools import free_port, read_topic, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -210,6 +211,7 @@ def test_every_procfile_process_runs_from_the_runtime_venv_and_carries_an_order(
         records = read_topic(broker.bootstrap, "outbox.event.order", keys={str(order["id"])}, until=lambda r: len(r) >= 1,
                              timeout=60)
         assert records[0].headers["eventType"] == "OrderCreated"
+        assert_matches_contract(records[0])  # as a production install publishes it
         assert json.loads(records[0].value)["total"] == "7.50"
 
         def projected():

@@ -18,6 +18,7 @@ from inbox.models import ConsumerDeadLetter, ProcessedEvent
 from orders.models import Order
 from relay.services import relay_run
 from stats.models import CustomerStats
+from tests.contract import assert_matches_contract
 from tests.kafka_tools import read_topic, wait_for
 from tests.processes import suite_env
 from tests.testhandlers import handlers as test_handlers
@@ -113,6 +114,7 @@ def test_poison_message_between_two_good_ones_goes_to_the_dlq_and_the_partition_
     assert record.headers["dlq.consumerGroup"] == consumer.group_id
     assert datetime.fromisoformat(record.headers["dlq.failedAt"]).tzinfo is not None
     assert record.key == "1"
+    assert_matches_contract(record, message="ConsumerDeadLetter")
 
 
 def test_duplicates_inside_one_batch_are_applied_once(broker, topic, dlq):

@@ -10,6 +10,7 @@ from django.db import transaction
 from outbox.models import FailedEvent, OutboxEvent
 from outbox.services import outbox_enqueue
 from relay.services import dead_letters_retry, relay_publish_batch
+from tests.contract import assert_matches_contract
 from tests.kafka_tools import high_watermarks, read_topic, wait_for
 from tests.relay.helpers import DLQ, ORDER, TOPIC, relay_until
 
@@ -56,6 +57,7 @@ def test_invalid_topic_is_dead_lettered_at_once_with_its_value(api, broker, sett
     assert failed.status == FailedEvent.Status.DEAD_LETTERED and failed.attempts == 1
     (dead_letter,) = read_topic(broker.bootstrap, DLQ, start=dlq_start, keys={str(order_id)}, until=lambda rs: len(rs) >= 1)
     assert json.loads(dead_letter.value)["order_id"] == str(order_id)
+    assert_matches_contract(dead_letter, message="RelayDeadLetter")
     assert dead_letter.headers["dlq.originalTopic"] == "bad topic name order"
 
 

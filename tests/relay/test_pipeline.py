@@ -3,6 +3,7 @@ import json
 import pytest
 
 from outbox.models import OutboxEvent
+from tests.contract import assert_matches_contract
 from tests.kafka_tools import high_watermarks, read_topic, wait_for
 
 TOPIC = "outbox.event.order"
@@ -19,6 +20,7 @@ def test_order_created_over_the_api_reaches_kafka_through_a_real_worker(celery_w
     records = read_topic(broker.bootstrap, TOPIC, start=start, keys={str(order["id"])}, until=lambda rs: len(rs) >= 1)
     assert len(records) == 1
     record = records[0]
+    assert_matches_contract(record)
     assert record.key == str(order["id"])
     assert json.loads(record.value) == {
         "order_id": str(order["id"]), "customer_id": "c-1", "total": "19.98",
@@ -44,4 +46,6 @@ def test_created_then_cancelled_arrive_in_order_under_one_key(celery_worker, bro
 
     records = read_topic(broker.bootstrap, TOPIC, start=start, keys={str(order_id)}, until=lambda rs: len(rs) >= 2)
     assert [r.headers["eventType"] for r in records] == ["OrderCreated", "OrderCancelled"]
+    for record in records:
+        assert_matches_contract(record)
     wait_for(lambda: OutboxEvent.objects.filter(status="sent").count() == 2, timeout=10, message="both rows sent")
