@@ -7,14 +7,28 @@ import time
 from datetime import datetime, timezone
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+)
 
-from ops import metrics
+from ops import metrics, tracing
 from ops.db import lock_conflict
 
 from . import kafka
 from .models import ConsumerDeadLetter
-from .services import InboundEvent, PoisonMessage, RawMessage, dead_letter_record, inbound_event_parse, inbound_events_apply
+from .services import (
+    InboundEvent,
+    PoisonMessage,
+    RawMessage,
+    dead_letter_record,
+    inbound_event_parse,
+    inbound_events_apply,
+)
+from .tracing import consumer_span
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +68,7 @@ class EventConsumer:
         self._dlq_producer = None
         self._rebalanced = False
         self._heartbeat = _Heartbeat(group_id)
+        self._span = None  # the batch's span, when tracing is on
 
     def stop(self, *_args) -> None:
         self.stopping = True
@@ -127,6 +142,15 @@ class EventConsumer:
         return [kafka.TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
     def _process(self, messages: list[kafka.Message]) -> None:
+        if not tracing.enabled():
+            return self._process_batch(messages)
+        with consumer_span(self.group_id, messages) as self._span:
+            try:
+                return self._process_batch(messages)
+            finally:
+                self._span = None
+
+    def _process_batch(self, messages: list[kafka.Message]) -> None:
         self.stats["batches"] += 1
         batch: list[tuple[InboundEvent, RawMessage]] = []
         for message in messages:
@@ -184,6 +208,8 @@ class EventConsumer:
         if duplicates:
             metrics.INBOX_DUPLICATES.labels(self.group_id).inc(len(duplicates))
         for event, raw in duplicates:
+            if self._span is not None:
+                self._span.add_event("duplicate skipped", {"messaging.message.id": event.event_id})
             logger.info("skipped duplicate event %s (%s)", event.event_id, event.event_type,
                         extra=self._context(raw, 1, event.event_id))
 
@@ -206,6 +232,9 @@ class EventConsumer:
             lambda: dead_letter_record(group_id=self.group_id, raw=raw, error=error, attempts=attempts, dlq_topic=self.dlq_topic)
         )
         self.stats["dead_lettered"] += 1
+        if self._span is not None:
+            self._span.add_event("dead-lettered", {"messaging.kafka.offset": raw.offset, "exception.message": error,
+                                                   "messaging.destination.partition.id": str(raw.partition)})
         metrics.INBOX_DEAD_LETTERED.labels(self.group_id).inc()
         logger.error("dead-lettered %s[%d]@%d after %d attempt(s): %s", raw.topic, raw.partition, raw.offset,
                      attempts, error, extra=self._context(raw, attempts))

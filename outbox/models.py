@@ -37,6 +37,10 @@ class OutboxEvent(models.Model):
     # (measured: about 7% of drain throughput, see docs/benchmarks.md).
     kafka_partition = models.IntegerField(default=NOT_PUBLISHED)
     kafka_offset = models.BigIntegerField(default=NOT_PUBLISHED)
+    # W3C Trace Context of the request that enqueued the event (empty with tracing off): one relay batch carries
+    # many requests' events, so it is captured at enqueue, never read at publish time.
+    trace_parent = models.CharField(max_length=55, blank=True, default="")
+    trace_state = models.CharField(max_length=512, blank=True, default="")
 
     class Meta:
         indexes = [

@@ -9,6 +9,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection, transaction
 from django.utils import timezone
 
+from ops import tracing
 from ops.db import db_datetime, delete_in_batches
 from ops.metrics import OUTBOX_REQUEUED
 
@@ -34,10 +35,13 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
     )
     # A plain INSERT rather than Model.save(): it runs in every write request, and the ORM's statement
     # building costs more CPU than the rest of the outbox write.
+    if tracing.enabled():
+        event.trace_parent, event.trace_state = tracing.current_trace_headers()
     at = db_datetime(now)
     with connection.cursor() as cursor:
         cursor.execute(_INSERT, [
             event.event_id.hex, event.aggregate_type, event.aggregate_id, event.event_type, event.payload, at, at,
+            event.trace_parent, event.trace_state,
         ])
         event.pk = cursor.lastrowid
     event.payload = json.loads(event.payload)
@@ -50,8 +54,8 @@ def outbox_enqueue(*, aggregate_type: str, aggregate_id: str, event_type: str, p
 _INSERT = (
     f"INSERT INTO {OutboxEvent._meta.db_table} "
     "(event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, available_at, "
-    "status, attempts, last_error, kafka_partition, kafka_offset) "
-    f"VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', 0, '', {NOT_PUBLISHED}, {NOT_PUBLISHED})"
+    "status, attempts, last_error, kafka_partition, kafka_offset, trace_parent, trace_state) "
+    f"VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', 0, '', {NOT_PUBLISHED}, {NOT_PUBLISHED}, %s, %s)"
 )
 
 

@@ -1,9 +1,25 @@
 import os
 
 from celery import Celery
+from celery.signals import beat_init, worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+# In each prefork child (a span exporter's thread does not survive a fork) and in beat; off unless OTEL_* ask.
+@worker_process_init.connect(weak=False)
+def _tracing_in_worker(**_kwargs):
+    from ops.tracing import tracing_setup
+
+    tracing_setup(process="worker", celery=True)
+
+
+@beat_init.connect(weak=False)
+def _tracing_in_beat(**_kwargs):
+    from ops.tracing import tracing_setup
+
+    tracing_setup(process="beat", celery=True)

@@ -1,16 +1,16 @@
-"""
-WSGI config for project project.
-
-It exposes the WSGI callable as a module-level variable named ``application``.
-
-For more information on this file, see
-https://docs.djangoproject.com/en/5.2/howto/deployment/wsgi/
-"""
+"""WSGI config: `gunicorn project.wsgi`."""
 
 import os
 
-from django.core.wsgi import get_wsgi_application
+import django
+from django.core.handlers.wsgi import WSGIHandler
 
-os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'project.settings')
+from ops.tracing import tracing_setup
 
-application = get_wsgi_application()
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+# get_wsgi_application() in two steps: the Django instrumentation (tracing on) adds its middleware after setup
+# (it reads settings) and before the handler builds the middleware chain.
+django.setup(set_prefix=False)
+tracing_setup(process="web", django=True)
+application = WSGIHandler()

@@ -37,6 +37,8 @@ class Claimed:
     attempts: int
     topic: str = ""  # OUTBOX_TOPIC_PREFIX + aggregate_type; the claim reads the setting once per batch
     source: str = ""  # OUTBOX_CLOUDEVENTS_SOURCE, read once per batch too
+    trace_parent: str = ""  # the enqueuing request's W3C Trace Context, sent on as the message's headers
+    trace_state: str = ""
 
     def __post_init__(self):
         if not self.topic:
@@ -44,8 +46,12 @@ class Claimed:
         if not self.source:
             self.source = settings.OUTBOX_CLOUDEVENTS_SOURCE
 
-    def header_items(self) -> list[tuple[str, str]]:
+    def header_items(self, trace_headers: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+        """trace_headers: the relay's producer span's, when tracing is on; else the stored context goes on."""
         occurred_at = self.occurred_at.isoformat() + "+00:00"  # RFC 3339, as CloudEvents' time wants it
+        if trace_headers is None:
+            trace_headers = [(name, value) for name, value in (("traceparent", self.trace_parent),
+                                                                ("tracestate", self.trace_state)) if value]
         return [
             ("id", self.event_id),
             ("eventType", self.event_type),
@@ -61,14 +67,15 @@ class Claimed:
             ("ce_time", occurred_at),
             ("ce_subject", self.aggregate_id),
             ("content-type", "application/json"),
+            *trace_headers,
         ]
 
     def headers(self) -> dict[str, str]:
         return dict(self.header_items())
 
-    def message(self) -> kafka.Message:
+    def message(self, trace_headers: list[tuple[str, str]] | None = None) -> kafka.Message:
         return kafka.Message(self.topic, self.aggregate_id.encode(), self.payload.encode(),
-                             [(name, value.encode()) for name, value in self.header_items()])
+                             [(name, value.encode()) for name, value in self.header_items(trace_headers)])
 
     def log_context(self, attempt: int) -> dict:
         return {"event_id": self.event_id, "order_id": self.aggregate_id, "event_type": self.event_type,
@@ -114,7 +121,8 @@ def claim_sql(*, skip_ranges: list[tuple[int, int]] = ()) -> str:
     """The claim statement; parameters: now, batch size."""
     skip = "".join(f" AND id NOT BETWEEN {low} AND {high}" for low, high in skip_ranges)
     return (
-        f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts "
+        f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts, "
+        f"trace_parent, trace_state "
         f"FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status = 'pending' AND available_at <= %s{skip} "
         f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
@@ -129,6 +137,7 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
         Claimed(
             id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
             payload=r[5], occurred_at=r[6], attempts=r[7], topic=prefix + r[2], source=source,
+            trace_parent=r[8], trace_state=r[9],
         )
         for r in rows
     ]

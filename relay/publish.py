@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from ops import metrics
+from ops import metrics, tracing
 from ops.db import db_datetime
 
 from . import kafka
@@ -21,6 +21,7 @@ from .claim import TABLE, Claimed, in_flight
 from .dead_letters import dead_letter
 from .ordering import split_by_aggregate_order
 from .retries import schedule_retries
+from .tracing import producer_spans, producer_spans_end, span_context
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,10 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
             return result
         ready, held = split_by_aggregate_order(rows, other_lanes=other_lanes, now=now)
         result.held = len(held)
-        deliveries = kafka.publish([row.message() for row in ready], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+        spans = producer_spans(ready) if tracing.enabled() else None
+        messages = ([row.message(tracing.trace_headers_of(span_context(span))) for row, span in zip(ready, spans)]
+                    if spans else [row.message() for row in ready])
+        deliveries = kafka.publish(messages, timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
         acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
         failed = [(row, d) for row, d in zip(ready, deliveries) if not d.ok]
         _mark_sent(acked, now=timezone.now())
@@ -66,6 +70,8 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         schedule_retries(to_retry, now=timezone.now())
         dead_letter(exhausted)
         result.retried, result.dead = len(to_retry), len(exhausted)
+        if spans:
+            producer_spans_end(ready, spans, deliveries, retried={r.id for r, _ in to_retry})
         result.errors = sorted({d.error for _, d in failed})
     if failed:
         logger.warning(

@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from inbox.consumer import consumer_from_settings
+from ops.tracing import tracing_setup
 
 
 class Command(BaseCommand):
@@ -11,6 +12,7 @@ class Command(BaseCommand):
         parser.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a message")
 
     def handle(self, *args, max_messages=None, idle_timeout=None, **options):
+        tracing_setup(process="consumer")
         consumer = consumer_from_settings()
         consumer.install_signal_handlers()
         self.stdout.write(f"consuming {consumer.topics} as group {consumer.group_id}")

@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand
 
+from ops.tracing import tracing_setup
 from relay.services import relay_run
 
 
@@ -10,6 +11,7 @@ class Command(BaseCommand):
         parser.add_argument("--until-empty", action="store_true", help="keep going until nothing is due")
 
     def handle(self, *args, until_empty=False, **options):
+        tracing_setup(process="relay")
         total = 0
         while True:
             result = relay_run()

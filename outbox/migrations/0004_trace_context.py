@@ -1,0 +1,23 @@
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+    """Two columns with a constant default: MariaDB 10.3+ and MySQL 8.0.12+ add them instantly, without
+    rebuilding the table or blocking its writes."""
+
+    dependencies = [
+        ('outbox', '0003_claim_index_with_available_at'),
+    ]
+
+    operations = [
+        migrations.AddField(
+            model_name='outboxevent',
+            name='trace_parent',
+            field=models.CharField(blank=True, default='', max_length=55),
+        ),
+        migrations.AddField(
+            model_name='outboxevent',
+            name='trace_state',
+            field=models.CharField(blank=True, default='', max_length=512),
+        ),
+    ]
