@@ -148,6 +148,10 @@ def report(results: dict) -> str:
             f"+ beat, MariaDB and the broker share them with the web): **{h['throughput_with_outbox']:,.0f} orders/s**, "
             f"**{h['pipeline_cost']:.1%}** below the baseline",
         ]
+    if results.get("tracing"):
+        from bench.tracing_cost import report_lines
+
+        lines += report_lines(results["tracing"])
     if m:
         lines += ["\n## Relay memory while publishing\n", rss_line(m, "relay_outbox")]
     if c:
@@ -250,11 +254,12 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=20)
     parser.add_argument("--throughput-seconds", type=int, default=10)
     parser.add_argument("--rss-events", type=int, default=1_000_000)
+    parser.add_argument("--tracing-events", type=int, default=20_000, help="backlog for the tracing-cost drains")
     parser.add_argument("--consumer-events", type=int, default=100_000, help="backlog for the consumer apply runs")
     parser.add_argument("--consumer-rss-events", type=int, default=1_000_000, help="backlog for the consumer's RSS")
     parser.add_argument("--skip", default="",
                         help="comma-separated: http (also the consumer's latency), memory (the relay's RSS), "
-                             "consumer (every consumer part)")
+                             "consumer (every consumer part), tracing (what tracing costs)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -277,6 +282,12 @@ def main() -> None:
         if "http" not in skip:
             print("http...", flush=True)
             results["http"] = run_http(args, broker)
+        if "tracing" not in skip:
+            print("tracing...", flush=True)
+            from bench import tracing_cost
+
+            results["tracing"] = tracing_cost.run(args.tracing_events, token=bench_user_token(),
+                                                  throughput_seconds=args.throughput_seconds)
         if "memory" not in skip:
             print("memory...", flush=True)
             results["memory"] = memory.run(args.rss_events)

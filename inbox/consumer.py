@@ -7,27 +7,14 @@ import time
 from datetime import datetime, timezone
 
 from django.conf import settings
-from django.db import (
-    DatabaseError,
-    InterfaceError,
-    OperationalError,
-    close_old_connections,
-    connection,
-)
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
 from ops import metrics, tracing
 from ops.db import lock_conflict
 
 from . import kafka
 from .models import ConsumerDeadLetter
-from .services import (
-    InboundEvent,
-    PoisonMessage,
-    RawMessage,
-    dead_letter_record,
-    inbound_event_parse,
-    inbound_events_apply,
-)
+from .services import InboundEvent, PoisonMessage, RawMessage, dead_letter_record, inbound_event_parse, inbound_events_apply
 from .tracing import consumer_span
 
 logger = logging.getLogger(__name__)
