@@ -33,6 +33,7 @@ $(ASYNCAPI_TOOLS): scripts/asyncapi/package-lock.json
 
 test: install $(ASYNCAPI_TOOLS)
 	command -v promtool >/dev/null || scripts/system-deps prometheus  # promtool checks deploy/prometheus
+	command -v chromedriver >/dev/null || scripts/system-deps chromium chromium-driver  # the admin's browser tests
 	scripts/test $(TEST_ARGS)
 
 # The lock, shared: the suite's database-restart tests (scripts/test) wait for the benchmarks, and the other way round.
