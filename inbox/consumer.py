@@ -335,11 +335,8 @@ class _Heartbeat:
         if not partitions:
             return
         try:
-            for committed in reader.committed(partitions, timeout=5):
-                low, high = reader.get_watermark_offsets(committed, timeout=5, cached=False)
-                applied_up_to = committed.offset if committed.offset >= 0 else low
-                metrics.INBOX_LAG.labels(self.group_id, committed.topic, str(committed.partition)).set(
-                    max(high - applied_up_to, 0))
+            for (topic, partition), lag in kafka.partition_lags(reader, partitions, timeout=5).items():
+                metrics.INBOX_LAG.labels(self.group_id, topic, str(partition)).set(lag)
         except kafka.KafkaException as exc:
             logger.debug("lag not available: %s", exc)
 

@@ -55,3 +55,31 @@ def build_offsets_reader(*, group_id: str) -> Consumer:
         "group.id": group_id,
         "enable.auto.commit": False,
     })
+
+
+def partition_lags(reader: Consumer, partitions: list[TopicPartition], *, timeout: float) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the broker's high watermark (asked, not cached) minus the group's committed offset
+    (what it has durably applied; a partition it never committed counts from the low watermark)."""
+    lags = {}
+    for committed in reader.committed(partitions, timeout=timeout):
+        low, high = reader.get_watermark_offsets(committed, timeout=timeout, cached=False)
+        applied_up_to = committed.offset if committed.offset >= 0 else low
+        lags[(committed.topic, committed.partition)] = max(high - applied_up_to, 0)
+    return lags
+
+
+def group_lag(group_id: str, topics: list[str], *, timeout: float = 2.0) -> int | None:
+    """The group's total lag over every partition of `topics`, or None when the broker does not answer in time."""
+    reader = build_offsets_reader(group_id=group_id)
+    try:
+        partitions = []
+        for topic in topics:
+            metadata = reader.list_topics(topic, timeout=timeout).topics[topic]
+            if metadata.error is not None:
+                return None
+            partitions += [TopicPartition(topic, p) for p in metadata.partitions]
+        return sum(partition_lags(reader, partitions, timeout=timeout).values())
+    except KafkaException:
+        return None
+    finally:
+        reader.close()

@@ -40,14 +40,15 @@ def readiness_checks() -> dict[str, dict]:
     return {"database": _timed(_database), "redis": _timed(_redis), "kafka": _timed(_kafka)}
 
 
-def consumer_progress(*, recent: int = 1000) -> list[dict]:
+def consumer_progress(*, recent: int = 1000, lag: bool = False) -> list[dict]:
     """Per consumer group seen among the last `recent` applied events: the last one's time and how long ago,
     and its dead letters not replayed. Bounded on purpose: the processed-events table holds every event of
-    INBOX_RETENTION_DAYS, which a per-group count would scan on every page view. (The lag itself is the
-    consumer's `inbox_consumer_lag` gauge.)"""
+    INBOX_RETENTION_DAYS, which a per-group count would scan on every page view. With `lag`, also each group's
+    lag on INBOX_TOPICS, asked of the broker (None when it does not answer within 2 s)."""
     from django.db.models import Count
     from django.utils import timezone
 
+    from inbox.kafka import group_lag
     from inbox.models import ConsumerDeadLetter, ProcessedEvent
 
     last_applied: dict[str, object] = {}
@@ -56,8 +57,10 @@ def consumer_progress(*, recent: int = 1000) -> list[dict]:
     dead = dict(ConsumerDeadLetter.objects.exclude(replay_outcome__in=["applied", "already applied"])
                 .values_list("group_id").annotate(n=Count("id")))
     now = timezone.now()
+    groups = sorted({**dict.fromkeys(dead), **last_applied}.items())
     return [
         {"group": group, "last_applied": at, "since_last_applied": now - at if at else None,
-         "dead_letters": dead.get(group, 0)}
-        for group, at in sorted({**dict.fromkeys(dead), **last_applied}.items())
+         "dead_letters": dead.get(group, 0),
+         "lag": group_lag(group, settings.INBOX_TOPICS) if lag else None}
+        for group, at in groups
     ]

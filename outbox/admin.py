@@ -68,7 +68,7 @@ class OutboxEventAdmin(ReadOnlyAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         context = {**self.admin_site.each_context(request), "title": "Outbox overview", "overview": outbox_overview(),
-                   "checks": readiness_checks(), "consumers": consumer_progress()}
+                   "checks": readiness_checks(), "consumers": consumer_progress(lag=True)}
         return TemplateResponse(request, "admin/outbox/overview.html", context)
 
     @admin.display(description="age")

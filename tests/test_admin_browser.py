@@ -11,9 +11,11 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.select import Select
 
+from inbox.consumer import EventConsumer
 from inbox.models import ConsumerDeadLetter
 from outbox.models import FailedEvent, OutboxEvent
 from stats.models import CustomerStats
+from tests.inbox.test_consumer import created, event_headers, produce
 from tests.relay.helpers import ORDER, relay_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_retries")]
@@ -88,14 +90,26 @@ def dead_event(api, settings):
     return OutboxEvent.objects.get()
 
 
-def test_log_in_and_the_overview_shows_health_and_consumers(browser, django_user_model, dead_event):
+def test_log_in_and_the_overview_shows_health_and_consumers(browser, django_user_model, dead_event, broker,
+                                                             settings):
+    # A consumer group that applied two of three messages: its lag is one.
+    topic, group_id = f"browser-{uuid.uuid4().hex[:8]}", f"browser-{uuid.uuid4().hex[:6]}"
+    broker.create_topics(topic, partitions=1)
+    settings.INBOX_TOPICS = [topic]
+    for total in ("1.00", "2.00", "3.00"):
+        produce(broker.bootstrap, topic, value=created(total=total), headers=event_headers())
+    EventConsumer(group_id=group_id, topics=[topic], dlq_topic="order-stats.dlq", max_attempts=1,
+                  backoff_base=0.01).run(max_messages=2, idle_timeout=30)
+
     log_in(browser, staff(django_user_model, superuser=True))
     browser.get(browser.base + "/admin/outbox/outboxevent/overview/")
     content = browser.find_element(By.ID, "content").text
     assert "Health" in content and "Consumers" in content and "Recent failures" in content
-    checks = browser.find_element(By.CSS_SELECTOR, "#content table")  # the readiness checks
+    checks, consumers = browser.find_elements(By.CSS_SELECTOR, "#content table")[:2]
     assert {"database", "redis", "kafka"} <= set(checks.text.lower().split())
     assert "failing" not in checks.text
+    (row,) = [r.text for r in consumers.find_elements(By.TAG_NAME, "tr") if r.text.startswith(group_id)]
+    assert row.split()[1] == "1", row  # group, lag, ...
     assert str(dead_event.event_id) in content
     assert page_width(browser) <= WIDTH
     screenshot(browser, "admin-overview.png")
