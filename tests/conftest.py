@@ -84,3 +84,18 @@ def fast_retries(settings):
     settings.OUTBOX_BACKOFF_BASE = 0.1
     settings.OUTBOX_BACKOFF_MAX = 0.5
     return settings
+
+
+@pytest.fixture
+def dead_event(api, settings):
+    """An event dead-lettered for real: its topic is refused by the broker."""
+    from outbox.models import FailedEvent, OutboxEvent
+    from tests.relay.helpers import ORDER, relay_until
+
+    settings.OUTBOX_MAX_ATTEMPTS = 1
+    good_prefix = settings.OUTBOX_TOPIC_PREFIX
+    settings.OUTBOX_TOPIC_PREFIX = "bad topic name "
+    api.post("/api/orders/", ORDER, format="json")
+    relay_until(lambda: FailedEvent.objects.exists(), timeout=20, message="dead-lettered")
+    settings.OUTBOX_TOPIC_PREFIX = good_prefix
+    return OutboxEvent.objects.get()

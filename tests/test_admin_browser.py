@@ -16,7 +16,7 @@ from inbox.models import ConsumerDeadLetter
 from outbox.models import FailedEvent, OutboxEvent
 from stats.models import CustomerStats
 from tests.inbox.test_consumer import created, event_headers, produce
-from tests.relay.helpers import ORDER, relay_until
+from tests.relay.helpers import relay_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_retries")]
 
@@ -76,18 +76,6 @@ def run_action(browser, label):
     browser.find_element(By.CSS_SELECTOR, "input.action-select").click()
     Select(browser.find_element(By.NAME, "action")).select_by_visible_text(label)
     browser.find_element(By.CSS_SELECTOR, "button[name=index]").click()
-
-
-@pytest.fixture
-def dead_event(api, settings):
-    """An event dead-lettered for real: its topic is refused by the broker."""
-    settings.OUTBOX_MAX_ATTEMPTS = 1
-    good_prefix = settings.OUTBOX_TOPIC_PREFIX
-    settings.OUTBOX_TOPIC_PREFIX = "bad topic name "
-    api.post("/api/orders/", ORDER, format="json")
-    relay_until(lambda: FailedEvent.objects.exists(), timeout=20, message="dead-lettered")
-    settings.OUTBOX_TOPIC_PREFIX = good_prefix
-    return OutboxEvent.objects.get()
 
 
 def test_log_in_and_the_overview_shows_health_and_consumers(browser, django_user_model, dead_event, broker,

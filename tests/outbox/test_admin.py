@@ -5,21 +5,9 @@ from django.test import Client
 
 from outbox.models import FailedEvent, OutboxEvent
 from tests.kafka_tools import high_watermarks, read_topic
-from tests.relay.helpers import ORDER, TOPIC, relay_until
+from tests.relay.helpers import TOPIC, relay_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("fast_retries")]
-
-
-@pytest.fixture
-def dead_event(api, settings):
-    """An event dead-lettered for real: its topic is refused by the broker."""
-    settings.OUTBOX_MAX_ATTEMPTS = 1
-    good_prefix = settings.OUTBOX_TOPIC_PREFIX
-    settings.OUTBOX_TOPIC_PREFIX = "bad topic name "
-    api.post("/api/orders/", ORDER, format="json")
-    relay_until(lambda: FailedEvent.objects.exists(), timeout=20, message="dead-lettered")
-    settings.OUTBOX_TOPIC_PREFIX = good_prefix
-    return OutboxEvent.objects.get()
 
 
 def staff_client(django_user_model, username, *perms):
