@@ -39,8 +39,8 @@ class OutboxEvent(models.Model):
     kafka_offset = models.BigIntegerField(default=NOT_PUBLISHED)
     # W3C Trace Context of the request that enqueued the event (empty with tracing off): one relay batch carries
     # many requests' events, so it is captured at enqueue, never read at publish time.
-    trace_parent = models.CharField(max_length=55, blank=True, default="")
-    trace_state = models.CharField(max_length=512, blank=True, default="")
+    trace_parent = models.CharField(max_length=55, blank=True, default="", db_default="")
+    trace_state = models.CharField(max_length=512, blank=True, default="", db_default="")
 
     class Meta:
         indexes = [

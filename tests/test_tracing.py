@@ -162,3 +162,15 @@ def test_a_real_relay_process_exports_its_spans_as_the_environment_says(api, bro
     assert producer["context"]["trace_id"] == "0x" + TRACE_ID
     assert producer["resource"]["attributes"]["service.name"] == "orders-relay-under-test"
     assert producer["attributes"]["messaging.destination.name"] == topic
+
+
+def test_a_writer_that_does_not_name_the_trace_columns_still_inserts():
+    """The columns have a database default: an older release during a rolling deploy, or a tool, still writes."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {OutboxEvent._meta.db_table} (event_id, aggregate_type, aggregate_id, event_type, "
+                       "payload, occurred_at, available_at, status, attempts, last_error, kafka_partition, kafka_offset) "
+                       "VALUES (%s, 'order', '1', 'OrderCreated', '{}', NOW(6), NOW(6), 'pending', 0, '', -1, -1)",
+                       [uuid.uuid4().hex])
+    assert OutboxEvent.objects.get().trace_parent == ""
