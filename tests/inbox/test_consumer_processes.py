@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -76,12 +77,14 @@ class Stream:
         return projected == self.truth
 
 
-def consumer_process(broker, topic, group, *args, **env):
+def consumer_process(broker, topic, group, *args, log: Path | None = None, **env):
+    """With `log`, the output goes (unbuffered) to that file, which a test can read while the process runs."""
     consumer_config = json.dumps({"session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
     env = suite_env(broker, KAFKA_CONSUMER_CONFIG=consumer_config, INBOX_GROUP_ID=group, INBOX_TOPICS=topic,
-                    INBOX_DLQ_TOPIC="order-stats.dlq", INBOX_BACKOFF_BASE="0.05", **env)
+                    INBOX_DLQ_TOPIC="order-stats.dlq", INBOX_BACKOFF_BASE="0.05",
+                    **({"PYTHONUNBUFFERED": "1"} if log else {}), **env)
     return subprocess.Popen([sys.executable, "manage.py", "consume_events", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=open(log, "w") if log else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def applied(group: str) -> int:
@@ -218,9 +221,10 @@ def test_sigint_exits_zero_and_leaves_the_group(broker, topic, group):
 
 
 def test_two_consumer_processes_share_the_partitions_through_rebalances_and_the_projection_is_exact(
-        broker, topic, group):
+        broker, topic, group, tmp_path):
     stream = Stream(broker.bootstrap, topic)
     stop = threading.Event()
+    third_log = tmp_path / "third-consumer.log"
 
     def produce():
         n = 0
@@ -236,7 +240,11 @@ def test_two_consumer_processes_share_the_partitions_through_rebalances_and_the_
     consumers = [consumer_process(broker, topic, group), consumer_process(broker, topic, group)]
     try:
         wait_for(lambda: applied(group) > 300, timeout=60, interval=0.1, message="the stream to be under way")
-        consumers.append(consumer_process(broker, topic, group))  # a rebalance: a third joins
+        consumers.append(consumer_process(broker, topic, group, log=third_log))  # a rebalance: a third joins
+        # Up (its "consuming" line comes after its signal handlers are in), so the rebalance happens mid-stream
+        # even on a slow machine, where start-up can outlast the rest of the stream.
+        wait_for(lambda: "consuming" in third_log.read_text(), timeout=60, interval=0.1,
+                 message="the third consumer to start")
         wait_for(lambda: applied(group) > 1500, timeout=60, interval=0.1, message="more applied")
         consumers[0].kill()  # another: one dies in the middle of whatever it was doing
         producer.join(60)
@@ -247,7 +255,7 @@ def test_two_consumer_processes_share_the_partitions_through_rebalances_and_the_
         producer.join(60)
         outputs = [finish(c) for c in consumers[1:]]
         consumers[0].communicate(timeout=10)
-    assert [c.returncode for c in consumers[1:]] == [0, 0], outputs
+    assert [c.returncode for c in consumers[1:]] == [0, 0], [*outputs, third_log.read_text()]
     assert stream.projection_matches()
     counts = Counter(ProcessedEvent.objects.filter(group_id=group).values_list("event_id", flat=True))
     assert set(counts.values()) == {1} and set(counts) == set(stream.event_ids)
