@@ -104,7 +104,7 @@ def inbound_events_apply(
                 fresh.append((event, raw))
         try:
             with transaction.atomic():  # a savepoint: a duplicate key undoes this insert only
-                _record_processed(literal, group, [(ids[event.event_id], event, raw) for event, raw in fresh])
+                _record_processed(literal, group, ids, fresh)
         except IntegrityError as exc:
             if not duplicate_key(exc):
                 raise
@@ -112,7 +112,7 @@ def inbound_events_apply(
             duplicates += [(event, raw) for event, raw in fresh if event.event_id in recorded]
             fresh = [(event, raw) for event, raw in fresh if event.event_id not in recorded]
             if fresh:
-                _record_processed(literal, group, [(ids[event.event_id], event, raw) for event, raw in fresh])
+                _record_processed(literal, group, ids, fresh)
         _run_handlers([event for event, _ in fresh])
     return duplicates
 
@@ -136,8 +136,9 @@ def _recorded_ids(group: str, id_literals: dict[str, str]) -> set[str]:
         return {row[0] for row in cursor.fetchall()}
 
 
-def _record_processed(literal, group: str, rows: list[tuple[str, InboundEvent, RawMessage]]) -> None:
-    """rows: (event id literal, event, message)."""
+def _record_processed(literal, group: str, id_literals: dict[str, str],
+                      rows: list[tuple[InboundEvent, RawMessage]]) -> None:
+    """id_literals: event id -> its literal, escaped once for this and the look-up."""
     now = literal(db_datetime(timezone.now()))
     literals: dict[str, str] = {}  # a batch has few event types and topics
 
@@ -147,9 +148,9 @@ def _record_processed(literal, group: str, rows: list[tuple[str, InboundEvent, R
         return literals[value]
 
     values = ", ".join(
-        f"({group}, {event_id}, {text(event.event_type)}, {text(raw.topic)}, {int(raw.partition)}, {int(raw.offset)}, "
-        f"{now})"
-        for event_id, event, raw in rows
+        f"({group}, {id_literals[event.event_id]}, {text(event.event_type)}, {text(raw.topic)}, {int(raw.partition)}, "
+        f"{int(raw.offset)}, {now})"
+        for event, raw in rows
     )
     with connection.cursor() as cursor:
         cursor.execute(f"INSERT INTO {_PROCESSED_TABLE} ({_PROCESSED_COLUMNS}) VALUES {values}")

@@ -56,19 +56,18 @@ def _exporter(name: str):
     return OTLPSpanExporter()  # endpoint, headers, timeout, compression: from its OTEL_EXPORTER_OTLP_* variables
 
 
-def tracing_setup(*, process: str, django: bool = False, celery: bool = False, exporter=None) -> bool:
-    """Set up tracing for this process if the environment asks for it (or for `exporter`, in tests), once.
-    `process` (web, worker, beat, consumer) names the service when OTEL_SERVICE_NAME does not. Returns whether
-    tracing is on."""
+def tracing_setup(*, process: str, django: bool = False, celery: bool = False) -> bool:
+    """Set up tracing for this process if the environment asks for it, once. `process` (web, worker, beat,
+    consumer, relay) names the service when OTEL_SERVICE_NAME does not. Returns whether tracing is on."""
     global _enabled
     if _enabled:
         return True
-    exporters = [exporter] if exporter is not None else [_exporter(name) for name in exporter_names()]
+    exporters = [_exporter(name) for name in exporter_names()]
     if not exporters:
         return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
@@ -76,9 +75,7 @@ def tracing_setup(*, process: str, django: bool = False, celery: bool = False, e
     provider = TracerProvider(resource=resource)
     for span_exporter in exporters:
         # Spans leave from a thread of their own, in batches: never on the request's or the relay's path.
-        # (An exporter given by a test is read back at once.)
-        provider.add_span_processor(SimpleSpanProcessor(span_exporter) if exporter is not None
-                                    else BatchSpanProcessor(span_exporter))
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
     if django:
         from opentelemetry.instrumentation.django import DjangoInstrumentor
@@ -93,21 +90,14 @@ def tracing_setup(*, process: str, django: bool = False, celery: bool = False, e
     return True
 
 
-def tracing_off() -> None:
-    """For tests: the code paths skip tracing again (the provider stays: OpenTelemetry sets it once)."""
-    global _enabled
-    _enabled = False
-
-
 def tracer() -> trace.Tracer:
     return trace.get_tracer("orders-outbox")
 
 
 def current_trace_headers() -> tuple[str, str]:
     """(traceparent, tracestate) of the active span, as W3C Trace Context; empty strings when there is none."""
-    carrier: dict[str, str] = {}
-    _W3C.inject(carrier)
-    return carrier.get("traceparent", ""), carrier.get("tracestate", "")
+    headers = dict(trace_headers_of())
+    return headers.get("traceparent", ""), headers.get("tracestate", "")
 
 
 def trace_headers_of(context: Context | None = None) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ from .claim import TABLE, Claimed, in_flight
 from .dead_letters import dead_letter
 from .ordering import split_by_aggregate_order
 from .retries import schedule_retries
-from .tracing import producer_spans, producer_spans_end, span_context
+from .tracing import message_trace_headers, producer_spans, producer_spans_end
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         ready, held = split_by_aggregate_order(rows, other_lanes=other_lanes, now=now)
         result.held = len(held)
         spans = producer_spans(ready) if tracing.enabled() else None
-        messages = ([row.message(tracing.trace_headers_of(span_context(span))) for row, span in zip(ready, spans)]
+        messages = ([row.message(message_trace_headers(span)) for row, span in zip(ready, spans)]
                     if spans else [row.message() for row in ready])
         deliveries = kafka.publish(messages, timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
         acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]

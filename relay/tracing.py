@@ -31,8 +31,9 @@ def producer_spans(rows: list[Claimed]) -> list[trace.Span]:
     ]
 
 
-def span_context(span: trace.Span):
-    return trace.set_span_in_context(span)
+def message_trace_headers(span: trace.Span) -> list[tuple[str, str]]:
+    """The traceparent/tracestate headers that carry the producer span to the consumer."""
+    return tracing.trace_headers_of(trace.set_span_in_context(span))
 
 
 def producer_spans_end(rows: list[Claimed], spans: list[trace.Span], deliveries: list[kafka.Delivery], *,
