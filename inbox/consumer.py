@@ -1,9 +1,13 @@
 """The consume loop: take a batch, apply it in one database transaction, then commit its offsets."""
 
+import gc
 import logging
 import signal
+import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from django.conf import settings
@@ -25,6 +29,16 @@ CONNECTION_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 # A batch that lost a lock conflict (another consumer of the group, during a rebalance) runs again as a whole.
 LOCK_RETRIES = 3
 LAG_REPORT_INTERVAL = 5.0
+# Batches handed to the writer thread and not yet committed to Kafka: the one it applies, and the next one, parsed
+# meanwhile. More would only hold more messages uncommitted.
+IN_FLIGHT = 2
+# The writer thread spends most of a batch waiting for the database, with the GIL released; when an answer comes,
+# it waits for the parsing thread to hand the GIL over, by default after up to 5 ms, several times per batch.
+SWITCH_INTERVAL = 0.0005
+
+
+class _WriterStopped(Exception):
+    """An earlier batch failed: later ones are not applied, so a partition's events never apply out of order."""
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -36,7 +50,7 @@ def database_unavailable(exc: BaseException) -> bool:
 def _raw(message: kafka.Message) -> RawMessage:
     return RawMessage(
         topic=message.topic(), partition=message.partition(), offset=message.offset(),
-        key=message.key(), value=message.value(), headers=list(message.headers() or []),
+        key=message.key(), value=message.value(), headers=message.headers() or [],
     )
 
 
@@ -55,7 +69,10 @@ class EventConsumer:
         self._dlq_producer = None
         self._rebalanced = False
         self._heartbeat = _Heartbeat(group_id)
-        self._span = None  # the batch's span, when tracing is on
+        self._span = None  # the batch's span, when tracing is on (the writer thread's)
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: deque[tuple[Future, list[kafka.TopicPartition]]] = deque()
+        self._writer_failed = False
 
     def stop(self, *_args) -> None:
         self.stopping = True
@@ -65,29 +82,41 @@ class EventConsumer:
         signal.signal(signal.SIGINT, self.stop)
 
     def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> dict:
-        """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle)."""
+        """Consume until stopped (or, for tools and tests, after max_messages or idle_timeout seconds idle).
+
+        Two stages: this thread polls Kafka and parses a batch while a writer thread applies the previous one
+        in its database transaction; a batch's offsets are committed here, in order, once the writer has
+        committed it to the database.
+        """
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        # What start-up loaded lives as long as the process: keep the collector from walking it again and again
+        # (each batch allocates thousands of containers, and every so often a full collection follows).
+        gc.freeze()
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._heartbeat.start()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-writer")
         handled = 0
         idle_since = time.monotonic()
         try:
             while not self.stopping:
                 limit = self.batch_size if max_messages is None else min(self.batch_size, max_messages - handled)
                 messages = self._next_batch(limit)
+                self._commit_applied(wait=False)
                 if not messages:
                     if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                         break
                     continue
-                self._process(messages)
-                # Only now are the batch's effects (or its dead letters) durable: commit past them.
-                self._consumer.store_offsets(offsets=self._next_offsets(messages))
-                self._consumer.commit(asynchronous=True)
-                self._heartbeat.applied()
+                self._submit(messages)
                 handled += len(messages)
                 idle_since = time.monotonic()
                 if max_messages is not None and handled >= max_messages:
                     break
+            self._commit_applied(wait=True)
         finally:
+            self.stopping = True  # a writer waiting for the database gives up: its batch is not committed
+            self._in_flight.clear()
+            self._writer.submit(connection.close)
+            self._writer.shutdown(wait=True)
             self._commit_sync()
             self._consumer.close()
             self._heartbeat.stop()
@@ -95,10 +124,32 @@ class EventConsumer:
                 self._dlq_producer.flush(10)
         return self.stats
 
+    def _submit(self, messages: list[kafka.Message]) -> None:
+        """Hand a batch to the writer, parsed here; wait while IN_FLIGHT batches are not yet applied."""
+        parsed = [self._parse(_raw(message)) for message in messages]
+        future = self._writer.submit(self._write, messages, parsed)
+        self._in_flight.append((future, self._next_offsets(messages)))
+        while len(self._in_flight) >= IN_FLIGHT:
+            self._in_flight[0][0].exception()  # wait for the oldest
+            self._commit_applied(wait=False)
+
+    def _commit_applied(self, *, wait: bool) -> None:
+        """Commit the offsets of the batches the writer has applied, oldest first; with wait, of every batch
+        handed to it. A batch that failed raises here: neither it nor any later batch is committed."""
+        while self._in_flight and (wait or self._in_flight[0][0].done()):
+            future, offsets = self._in_flight[0]
+            future.result()
+            self._in_flight.popleft()
+            # Only now are the batch's effects (or its dead letters) durable: commit past them.
+            self._consumer.store_offsets(offsets=offsets)
+            self._consumer.commit(asynchronous=True)
+            self._heartbeat.applied()
+
     def _next_batch(self, limit: int) -> list[kafka.Message]:
         """Wait (briefly) for one message, then take whatever else has already arrived, up to limit: a lone
-        event is applied at once, a backlog in batches."""
-        first = self._consumer.poll(0.5)
+        event is applied at once, a backlog in batches. While the writer holds a batch, the wait is short, so
+        that its offsets are committed soon after it is applied."""
+        first = self._consumer.poll(0.02 if self._in_flight else 0.5)
         self._heartbeat.polled()
         if first is None:
             return []
@@ -128,24 +179,37 @@ class EventConsumer:
             last[key] = max(last.get(key, -1), message.offset())
         return [kafka.TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
-    def _process(self, messages: list[kafka.Message]) -> None:
-        if not tracing.enabled():
-            return self._process_batch(messages)
-        with consumer_span(self.group_id, messages) as self._span:
-            try:
-                return self._process_batch(messages)
-            finally:
-                self._span = None
+    @staticmethod
+    def _parse(raw: RawMessage) -> tuple[InboundEvent | PoisonMessage, RawMessage]:
+        try:
+            return inbound_event_parse(raw), raw
+        except PoisonMessage as exc:
+            return exc, raw
 
-    def _process_batch(self, messages: list[kafka.Message]) -> None:
+    def _write(self, messages: list[kafka.Message], parsed: list) -> None:
+        """The writer thread's part: apply one batch (and dead-letter its poison messages)."""
+        if self._writer_failed:
+            raise _WriterStopped()
+        try:
+            if not tracing.enabled():
+                return self._write_batch(parsed)
+            with consumer_span(self.group_id, messages) as self._span:
+                try:
+                    return self._write_batch(parsed)
+                finally:
+                    self._span = None
+        except BaseException:
+            self._writer_failed = True
+            raise
+
+    def _write_batch(self, parsed: list[tuple[InboundEvent | PoisonMessage, RawMessage]]) -> None:
         self.stats["batches"] += 1
         batch: list[tuple[InboundEvent, RawMessage]] = []
-        for message in messages:
-            raw = _raw(message)
-            try:
-                batch.append((inbound_event_parse(raw), raw))
-            except PoisonMessage as exc:
-                self._dead_letter(raw, f"poison message: {exc}", attempts=1)
+        for event, raw in parsed:
+            if isinstance(event, PoisonMessage):
+                self._dead_letter(raw, f"poison message: {event}", attempts=1)
+            else:
+                batch.append((event, raw))
         if not batch:
             return
         try:
@@ -270,9 +334,15 @@ class EventConsumer:
         self._heartbeat.assigned(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
-        # Commits what earlier batches applied; the batch being taken keeps only what this consumer still owns.
+        # The writer finishes the batches it holds, and what they applied is committed before the partitions go;
+        # the batch being taken keeps only what this consumer still owns.
         self._rebalanced = True
         self._heartbeat.assigned([])
+        try:
+            self._commit_applied(wait=True)
+        except Exception:
+            logger.exception("a batch failed while partitions were revoked; its offsets stay uncommitted")
+            self.stopping = True  # the loop stops here: see the error above
         self._commit_sync()
 
     def _commit_sync(self) -> None:
