@@ -37,6 +37,14 @@ IN_FLIGHT = 2
 SWITCH_INTERVAL = 0.0005
 
 
+def tune_process_for_consuming() -> None:
+    """Process-wide settings for a process that runs the consumer (consume_events)."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    # What start-up loaded lives as long as the process: keep the collector from walking it again and again
+    # (each batch allocates thousands of containers, and every so often a full collection follows).
+    gc.freeze()
+
+
 class _WriterStopped(Exception):
     """An earlier batch failed: later ones are not applied, so a partition's events never apply out of order."""
 
@@ -88,10 +96,6 @@ class EventConsumer:
         in its database transaction; a batch's offsets are committed here, in order, once the writer has
         committed it to the database.
         """
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        # What start-up loaded lives as long as the process: keep the collector from walking it again and again
-        # (each batch allocates thousands of containers, and every so often a full collection follows).
-        gc.freeze()
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._heartbeat.start()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-writer")

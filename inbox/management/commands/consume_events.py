@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from inbox.consumer import consumer_from_settings
+from inbox.consumer import consumer_from_settings, tune_process_for_consuming
 from ops.tracing import tracing_setup
 
 
@@ -15,6 +15,7 @@ class Command(BaseCommand):
         tracing_setup(process="consumer")
         consumer = consumer_from_settings()
         consumer.install_signal_handlers()
+        tune_process_for_consuming()
         self.stdout.write(f"consuming {consumer.topics} as group {consumer.group_id}")
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
         self.stdout.write(f"stopped: {stats}")
