@@ -213,6 +213,42 @@ def test_a_failing_message_in_the_middle_of_a_batch_costs_only_itself(broker, to
     assert test_handlers.calls["TestBroken"] == 1 + 2  # the batch's try, then its two attempts alone
 
 
+def test_a_batch_that_fails_for_good_stops_the_later_ones_and_commits_nothing(broker, topic, dlq, monkeypatch):
+    """The writer applies batch after batch while the main thread takes the next: when one fails for good (the
+    database gone while the consumer stops), the one already handed over behind it must not be applied, or a
+    partition's events would apply out of order after the restart."""
+    from django.db import OperationalError
+
+    import inbox.consumer
+
+    for n in range(2):
+        produce(broker.bootstrap, topic, value=created(total=f"{n + 1}.00"), headers=event_headers())
+    consumer = EventConsumer(group_id=f"test-{uuid.uuid4().hex[:8]}", topics=[topic], dlq_topic=dlq,
+                             max_attempts=3, backoff_base=0.01, batch_size=1)
+    applied_for_real = inbox.consumer.inbound_events_apply
+
+    def database_lost_while_stopping(*, group_id, batch):
+        (event, raw), = batch
+        if raw.offset == 0:
+            # The second batch has been taken and handed to the writer meanwhile.
+            wait_for(lambda: len(consumer._in_flight) == 2, timeout=30, message="the next batch handed over")
+            consumer.stopping = True
+            raise OperationalError(2013, "Lost connection to server during query")
+        return applied_for_real(group_id=group_id, batch=batch)
+
+    monkeypatch.setattr(inbox.consumer, "inbound_events_apply", database_lost_while_stopping)
+    with pytest.raises(OperationalError):
+        consumer.run(max_messages=2, idle_timeout=30)
+
+    assert not ProcessedEvent.objects.exists()  # neither the failed batch nor the one behind it
+    assert not CustomerStats.objects.exists()
+    probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": consumer.group_id})
+    try:
+        assert [tp.offset for tp in probe.committed([TopicPartition(topic, 0)], timeout=10)] == [-1001]
+    finally:
+        probe.close()
+
+
 def test_an_unwritable_dlq_topic_keeps_the_dead_letter_in_the_database(broker, topic, caplog):
     produce(broker.bootstrap, topic, value=b"{not json", headers=event_headers())
     produce(broker.bootstrap, topic, value=created(), headers=event_headers())
