@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -129,7 +130,8 @@ def inbound_events_apply(
 
     An id seen twice in the batch is applied once. The new ids are recorded in one multi-row insert, tried first
     on its own: almost every batch is all new, and then no query looks for duplicates. When the insert hits an
-    id already recorded (a redelivery after a crash or a rebalance), it is undone, the ids already recorded are
+    id already recorded (a redelivery after a crash or a rebalance), it is undone (InnoDB rolls back the failed
+    statement, not the transaction: no savepoint is needed, and none is paid for), the ids already recorded are
     found in one query, and only the others are recorded and applied. A consumer of the same group recording
     one of these ids meanwhile makes the insert wait for its commit and then hit that id. Returns the duplicates
     that were skipped.
@@ -143,11 +145,10 @@ def inbound_events_apply(
             if event.event_id in ids:
                 duplicates.append((event, raw))
             else:
-                ids[event.event_id] = literal(event.event_id)
+                ids[event.event_id] = _id_literal(event.event_id, literal)
                 fresh.append((event, raw))
         try:
-            with transaction.atomic():  # a savepoint: a duplicate key undoes this insert only
-                _record_processed(literal, group, ids, fresh)
+            _record_processed(literal, group, ids, fresh)
         except IntegrityError as exc:
             if not duplicate_key(exc):
                 raise
@@ -158,6 +159,15 @@ def inbound_events_apply(
                 _record_processed(literal, group, ids, fresh)
         _run_handlers([event for event, _ in fresh])
     return duplicates
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _id_literal(event_id: str, literal) -> str:
+    """An event id as an SQL literal. A canonical UUID (what the relay and _canonical_id produce: hex digits and
+    dashes only) needs no escaping; anything else goes through the driver."""
+    return f"'{event_id}'" if _CANONICAL_UUID.fullmatch(event_id) else literal(event_id)
 
 
 _PROCESSED_TABLE = connection.ops.quote_name(ProcessedEvent._meta.db_table)
