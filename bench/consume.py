@@ -410,6 +410,11 @@ def rss(n: int, broker) -> dict:
         "events": n, "seconds": timing["seconds"],
         "rss_mib_first_10pct": max(early) / 1024, "rss_mib_last_10pct": max(late) / 1024,
         "rss_mib_peak": max(kib for _, kib in samples) / 1024,
+        # The verdict's figures: the consumer's RSS moves in steps of a few MiB both ways as it applies (the
+        # allocator's arenas, librdkafka's prefetch queue), so a 10% window can catch a low step early and a high
+        # one late. Flat means the second half never goes higher than the first half went.
+        "rss_mib_first_half_peak": max(kib for count, kib in applied if count <= n / 2) / 1024,
+        "rss_mib_second_half_peak": max(kib for count, kib in applied if count > n / 2) / 1024,
     }
 
 

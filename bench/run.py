@@ -107,9 +107,9 @@ def report(results: dict) -> str:
     if dep:
         vs_one, vs_two = dep["deployed_rate"] / dep["raw_sql_rate"], dep["deployed_rate"] / dep["raw_sql_two_connections_rate"]
         lines += [
-            f"As deployed: {dep['events']:,} events (orders with items, some cancelled) released in one commit that "
-            f"wakes the relay, drained by `celery -A project worker` (default concurrency) with `celery -A project "
-            f"beat` running:\n",
+            f"As deployed: {dep['events']:,} events (orders with items, some cancelled) written in one transaction "
+            f"while the processes run, whose commit wakes the relay (timed from that commit), drained by "
+            f"`celery -A project worker` (default concurrency) with `celery -A project beat` running:\n",
             f"- raw SQL claim-and-mark on the same table, one connection: **{dep['raw_sql_rate']:,.0f} rows/s**; "
             f"two connections side by side: **{dep['raw_sql_two_connections_rate']:,.0f} rows/s**",
             f"- deployed drain: **{dep['deployed_rate']:,.0f} events/s** = {vs_one:.2f} of one connection "
@@ -161,10 +161,15 @@ def report(results: dict) -> str:
 
 
 def rss_line(m: dict, process: str) -> str:
-    growth = m["rss_mib_last_10pct"] - m["rss_mib_first_10pct"]
-    return (f"- {m['events']:,} events in {m['seconds']:.0f} s by one `{process}` process: RSS "
+    line = (f"- {m['events']:,} events in {m['seconds']:.0f} s by one `{process}` process: RSS "
             f"{m['rss_mib_first_10pct']:.1f} MiB in the first 10%, {m['rss_mib_last_10pct']:.1f} MiB in the last 10%, "
-            f"peak {m['rss_mib_peak']:.1f} MiB (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})")
+            f"peak {m['rss_mib_peak']:.1f} MiB")
+    if "rss_mib_second_half_peak" in m:  # the consumer's: see bench.consume.rss
+        growth = m["rss_mib_second_half_peak"] - m["rss_mib_first_half_peak"]
+        return (f"{line}; highest in the first half {m['rss_mib_first_half_peak']:.1f} MiB, in the second "
+                f"{m['rss_mib_second_half_peak']:.1f} MiB (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})")
+    growth = m["rss_mib_last_10pct"] - m["rss_mib_first_10pct"]
+    return f"{line} (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})"
 
 
 def consumer_report(c: dict, deployed: dict | None) -> list[str]:
@@ -207,6 +212,8 @@ def consumer_report(c: dict, deployed: dict | None) -> list[str]:
             f"p99 < {TARGETS['projection_p99_ms']} ms: {verdict(lat['p99_ms'] < TARGETS['projection_p99_ms'])})",
         ]
     lines += ["\n## Consumer memory while applying\n", rss_line(c["memory"], "consume_events")]
+    if "memory_measured" in c:  # this section alone measured again, by bench.consume.rss
+        lines[-1] += f" (measured again on its own at {c['memory_measured']})"
     return lines
 
 
