@@ -108,19 +108,33 @@ def _header_text(value: bytes | None) -> str:
     return value.decode("utf-8", errors="replace").strip() if value else ""
 
 
+# 19 digits in a row: maybe an integer beyond 64 bits, which orjson would read as a float (it keeps only 17 of
+# its digits). Such a document (or one with a long digit string) is left to the standard library.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
 def _json_object(value: bytes | None) -> dict:
+    value = value or b""
     try:
-        payload = orjson.loads(value or b"")
-    except orjson.JSONDecodeError:
-        # orjson refuses a few documents the standard library takes (NaN, integers beyond 64 bits): the
-        # standard library decides, so a payload means the same whichever parser read it.
-        try:
-            payload = json.loads((value or b"").decode())  # JSON between systems is UTF-8 (RFC 8259)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PoisonMessage(f"value is not JSON: {exc}") from exc
+        # What orjson refuses (NaN, Infinity) or may not keep, the standard library decides: a payload means
+        # the same whichever parser read it.
+        payload = _orjson_or_none(value)
+        if payload is None:  # (or the document was null: the standard library says so too)
+            payload = json.loads(value.decode())  # JSON between systems is UTF-8 (RFC 8259)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PoisonMessage(f"value is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise PoisonMessage("value is not a JSON object")
     return payload
+
+
+def _orjson_or_none(value: bytes):
+    if _LONG_DIGITS.search(value):
+        return None
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def inbound_events_apply(

@@ -412,3 +412,32 @@ def test_a_stuck_consumer_shows_in_its_lag_and_heartbeat_gauges(broker, topic, d
         release.touch()
         runner.join(60)
     assert outcome(consumer) == {"applied": 5, "duplicates": 0, "dead_lettered": 0}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (b'{"customer_id": "c-1", "total": "1.00"}', {"customer_id": "c-1", "total": "1.00"}),
+    # What orjson refuses or reads otherwise (a float for an integer beyond 64 bits) and the standard library
+    # takes: the payload means the same whichever parser read it.
+    (b'{"n": 123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
+    (b'{"n": -9223372036854775809, "id": "12345678901234567890"}', {"n": -9223372036854775809,
+                                                                     "id": "12345678901234567890"}),
+    (b'{"x": NaN}', "nan"),
+])
+def test_a_payload_parses_as_the_standard_library_reads_it(value, expected):
+    from inbox.services import RawMessage, inbound_event_parse
+
+    headers = [(k, v.encode()) for k, v in event_headers().items()]
+    event = inbound_event_parse(RawMessage("t", 0, 0, b"1", value, headers))
+    if expected == "nan":
+        assert event.payload["x"] != event.payload["x"]  # NaN
+    else:
+        assert event.payload == expected
+    assert event.headers == event_headers() | {"id": event.event_id}  # every header, decoded when asked for
+
+
+@pytest.mark.parametrize("value", [b"{not json", b"\xff\xfe{}", b"[1, 2]", b""])
+def test_a_value_no_parser_takes_as_an_object_is_poison(value):
+    from inbox.services import PoisonMessage, RawMessage, inbound_event_parse
+
+    with pytest.raises(PoisonMessage):
+        inbound_event_parse(RawMessage("t", 0, 0, b"1", value, [(k, v.encode()) for k, v in event_headers().items()]))
