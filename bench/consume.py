@@ -10,7 +10,6 @@ Tansu: the high watermarks it reports are below the last offsets.)
 
 import http.client
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -90,10 +89,9 @@ class CommittedOffsets:
     growing index, competing with the consumer's writes for the same server)."""
 
     def __init__(self, topic: str, group_id: str):
-        from confluent_kafka import Consumer, TopicPartition
+        from inbox.kafka import TopicPartition, build_offsets_reader  # the lag gauge's reader: never joins the group
 
-        self._reader = Consumer({"bootstrap.servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"], "group.id": group_id,
-                                 "enable.auto.commit": False})
+        self._reader = build_offsets_reader(group_id=group_id)
         partitions = self._reader.list_topics(topic, timeout=10).topics[topic].partitions
         self._partitions = [TopicPartition(topic, p) for p in partitions]
 
