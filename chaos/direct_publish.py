@@ -114,7 +114,7 @@ class DirectPublisher:
             if attempt < ATTEMPTS:
                 time.sleep(PAUSE)
         logger.error("event %s of order %s not published after %d attempts: %s",
-                     dict(message.headers)["id"].decode(), message.key.decode(), ATTEMPTS, error)
+                     dict(message.headers)["id"], message.key, ATTEMPTS, error)
         return False
 
 

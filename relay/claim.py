@@ -6,7 +6,6 @@ so concurrent relays never take the same row, and its rows stay locked until tha
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
@@ -25,34 +24,36 @@ CLAIM_INDEX = "outbox_claim_idx"
 CLOUDEVENTS_SPEC_VERSION = "1.0"
 
 
-@dataclass
 class Claimed:
-    id: int
-    event_id: str
-    aggregate_type: str
-    aggregate_id: str
-    event_type: str
-    payload: str  # the JSON text as stored: published byte for byte
-    occurred_at: datetime  # naive UTC, as the raw cursor returns it
-    attempts: int
-    topic: str = ""  # OUTBOX_TOPIC_PREFIX + aggregate_type; the claim reads the setting once per batch
-    source: str = ""  # OUTBOX_CLOUDEVENTS_SOURCE, read once per batch too
-    trace_parent: str = ""  # the enqueuing request's W3C Trace Context, sent on as the message's headers
-    trace_state: str = ""
+    """A claimed row. A plain class with slots, not a dataclass: one is built per event published."""
 
-    def __post_init__(self):
-        if not self.topic:
-            self.topic = settings.OUTBOX_TOPIC_PREFIX + self.aggregate_type
-        if not self.source:
-            self.source = settings.OUTBOX_CLOUDEVENTS_SOURCE
+    __slots__ = ("id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "occurred_at",
+                 "attempts", "topic", "source", "trace_parent", "trace_state")
+
+    def __init__(
+        self, *, id: int, event_id: str, aggregate_type: str, aggregate_id: str, event_type: str,
+        payload: str,  # the JSON text as stored: published byte for byte
+        occurred_at: datetime,  # naive UTC, as the raw cursor returns it
+        attempts: int,
+        topic: str = "",  # OUTBOX_TOPIC_PREFIX + aggregate_type; the claim reads the setting once per batch
+        source: str = "",  # OUTBOX_CLOUDEVENTS_SOURCE, read once per batch too
+        trace_parent: str = "",  # the enqueuing request's W3C Trace Context, sent on as the message's headers
+        trace_state: str = "",
+    ):
+        self.id, self.event_id, self.attempts = id, event_id, attempts
+        self.aggregate_type, self.aggregate_id, self.event_type = aggregate_type, aggregate_id, event_type
+        self.payload, self.occurred_at = payload, occurred_at
+        self.topic = topic or settings.OUTBOX_TOPIC_PREFIX + aggregate_type
+        self.source = source or settings.OUTBOX_CLOUDEVENTS_SOURCE
+        self.trace_parent, self.trace_state = trace_parent, trace_state
+
+    def __repr__(self) -> str:
+        return f"Claimed(id={self.id}, event_id={self.event_id!r}, aggregate_id={self.aggregate_id!r})"
 
     def header_items(self, trace_headers: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
         """trace_headers: the relay's producer span's, when tracing is on; else the stored context goes on."""
         occurred_at = self.occurred_at.isoformat() + "+00:00"  # RFC 3339, as CloudEvents' time wants it
-        if trace_headers is None:
-            trace_headers = [(name, value) for name, value in (("traceparent", self.trace_parent),
-                                                                ("tracestate", self.trace_state)) if value]
-        return [
+        headers = [
             ("id", self.event_id),
             ("eventType", self.event_type),
             ("aggregateType", self.aggregate_type),
@@ -67,15 +68,22 @@ class Claimed:
             ("ce_time", occurred_at),
             ("ce_subject", self.aggregate_id),
             ("content-type", "application/json"),
-            *trace_headers,
         ]
+        if trace_headers is not None:
+            headers += trace_headers
+        else:
+            if self.trace_parent:
+                headers.append(("traceparent", self.trace_parent))
+            if self.trace_state:
+                headers.append(("tracestate", self.trace_state))
+        return headers
 
     def headers(self) -> dict[str, str]:
         return dict(self.header_items())
 
     def message(self, trace_headers: list[tuple[str, str]] | None = None) -> kafka.Message:
-        return kafka.Message(self.topic, self.aggregate_id.encode(), self.payload.encode(),
-                             [(name, value.encode()) for name, value in self.header_items(trace_headers)])
+        # Text as it is: the Kafka client encodes key, value and header values as UTF-8 in C.
+        return kafka.Message(self.topic, self.aggregate_id, self.payload, self.header_items(trace_headers))
 
     def log_context(self, attempt: int) -> dict:
         return {"event_id": self.event_id, "order_id": self.aggregate_id, "event_type": self.event_type,

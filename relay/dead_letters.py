@@ -59,10 +59,10 @@ def dead_letter_message(failed: FailedEvent, *, omit_value: bool = False) -> kaf
         headers["dlq.valueOmitted"] = "the payload could not be published; it is kept in the failed-events table"
     return kafka.Message(
         topic=settings.OUTBOX_DLQ_TOPIC,
-        key=failed.aggregate_id.encode(),
+        key=failed.aggregate_id,
         # json.dumps' default separators: the bytes the relay published (Django stores the payload that way).
-        value=b"" if omit_value else json.dumps(failed.payload).encode(),
-        headers=[(k, str(v).encode()) for k, v in headers.items()],
+        value=b"" if omit_value else json.dumps(failed.payload),  # empty, not null, when omitted
+        headers=[(k, str(v)) for k, v in headers.items()],
     )
 
 

@@ -35,10 +35,12 @@ NON_RETRIABLE_CODES = frozenset(
 
 # Tuples rather than dataclasses: one of each per event published, and a frozen dataclass costs ~3x to build.
 class Message(NamedTuple):
+    """What produce() takes; text is encoded as UTF-8 by the client."""
+
     topic: str
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
+    key: str | bytes
+    value: str | bytes
+    headers: list[tuple[str, str | bytes]]
 
 
 class Delivery(NamedTuple):
@@ -133,12 +135,12 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
     if not messages:
         return []
     kafka = producer.get()
-    results: list[Delivery | None] = [None] * len(messages)
+    # The delivery callback only files the report (one Python call per message; kept small); reports become
+    # Deliveries once all are in.
+    reports: list = [None] * len(messages)
 
     def on_delivery(index: int, error: KafkaError | None, msg) -> None:
-        results[index] = _delivery_from_error(error) if error is not None else Delivery(
-            partition=msg.partition(), offset=msg.offset()
-        )
+        reports[index] = msg if error is None else _delivery_from_error(error)
 
     for index, message in enumerate(messages):
         while True:
@@ -151,15 +153,19 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
             except BufferError:
                 kafka.poll(0.05)  # local queue full: serve delivery reports to make room
             except KafkaException as exc:
-                results[index] = _delivery_from_error(exc.args[0])
+                reports[index] = _delivery_from_error(exc.args[0])
                 break
     # Wait for this batch's reports only (not flush(): other relay lanes share the producer).
     # The margin lets reports for messages that timed out arrive.
     deadline = time.monotonic() + timeout + 1.0
-    while None in results and time.monotonic() < deadline:
+    while None in reports and time.monotonic() < deadline:
         kafka.poll(0.005)
 
-    deliveries = [result or TIMED_OUT for result in results]
+    deliveries = [
+        TIMED_OUT if report is None else report if type(report) is Delivery
+        else Delivery(None, True, report.partition(), report.offset())
+        for report in reports
+    ]
     if producer.fatal_error is not None:
         producer.discard(f"fatal error {producer.fatal_error}")
     elif all(d.error is not None and d.retriable for d in deliveries) and any(

@@ -54,7 +54,7 @@ class ScriptedProducer:
 
     @staticmethod
     def _name(message):
-        return message.key.decode(), dict(message.headers)["eventType"].decode()
+        return message.key, dict(message.headers)["eventType"]
 
     def events(self, topic=TOPIC):
         return [self._name(m) for m in self.published if m.topic == topic]
