@@ -87,16 +87,23 @@ def deployed_drain(n: int, *, log_path) -> float:
             process.wait(30)
 
 
-def run(n: int) -> dict:
-    truncate_outbox()
-    prefill_outbox(n)
-    results = {"events": n}
-    with Timer() as t:
-        assert raw_sql_claim_and_mark(1000) == n
-    results["raw_sql_rate"] = n / t.seconds
-    reset_outbox_pending()
-    results["raw_sql_two_connections_rate"] = raw_sql_two_connections(1000)
-    results["deployed_rate"] = deployed_drain(n, log_path=ROOT / ".run" / "bench-deployed.log")
+def run(n: int, rounds: int = 3) -> dict:
+    """Rounds of raw SQL (one connection, then two) and the deployed drain, back to back. This machine's speed
+    was seen to swing by a quarter from one minute to the next, so one pair decides little: the headline figures
+    are the round whose deployed / one-connection ratio is the median; every round is kept."""
+    results = {"events": n, "rounds": []}
+    for _ in range(rounds):
+        truncate_outbox()
+        prefill_outbox(n)
+        with Timer() as t:
+            assert raw_sql_claim_and_mark(1000) == n
+        one = n / t.seconds
+        reset_outbox_pending()
+        two = raw_sql_two_connections(1000)
+        rate = deployed_drain(n, log_path=ROOT / ".run" / "bench-deployed.log")
+        results["rounds"].append({"raw_sql_rate": one, "raw_sql_two_connections_rate": two, "deployed_rate": rate})
+    by_ratio = sorted(results["rounds"], key=lambda r: r["deployed_rate"] / r["raw_sql_rate"])
+    results.update(by_ratio[len(by_ratio) // 2])
     return results
 
 
@@ -107,9 +114,10 @@ if __name__ == "__main__":
     try:
         setup_django()
         results = run(int(sys.argv[1]) if len(sys.argv) > 1 else 40_000)
-        for key, value in results.items():
-            print(f"{key}: {value:,.0f}")
-        print(f"deployed / raw SQL: {results['deployed_rate'] / results['raw_sql_rate']:.2f}; "
+        for r in results["rounds"]:
+            print(f"round: raw SQL {r['raw_sql_rate']:,.0f} rows/s, two connections {r['raw_sql_two_connections_rate']:,.0f}, "
+                  f"deployed {r['deployed_rate']:,.0f} events/s = {r['deployed_rate'] / r['raw_sql_rate']:.2f}")
+        print(f"median round: deployed / raw SQL: {results['deployed_rate'] / results['raw_sql_rate']:.2f}; "
               f"/ two connections: {results['deployed_rate'] / results['raw_sql_two_connections_rate']:.2f}")
     finally:
         broker.stop()

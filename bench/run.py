@@ -115,7 +115,10 @@ def report(results: dict) -> str:
             f"- deployed drain: **{dep['deployed_rate']:,.0f} events/s** = {vs_one:.2f} of one connection "
             f"(target ≥ {TARGETS['deployed_vs_sql']}: {verdict(vs_one >= TARGETS['deployed_vs_sql'])}), "
             f"{vs_two:.2f} of two (moonshot ≥ {TARGETS['deployed_vs_two_sql']}: "
-            f"{verdict(vs_two >= TARGETS['deployed_vs_two_sql'])})\n",
+            f"{verdict(vs_two >= TARGETS['deployed_vs_two_sql'])}): the median of {len(dep['rounds'])} rounds run back "
+            f"to back (this machine's speed swings from minute to minute; raw SQL and the drain are paired in each), "
+            f"each round's deployed / one connection: "
+            + ", ".join(f"{r['deployed_rate'] / r['raw_sql_rate']:.2f}" for r in dep["rounds"]) + "\n",
             "In one process (`relay_run` called in a loop by the benchmark itself, no Celery; not what users run):\n",
         ]
     lines += [
