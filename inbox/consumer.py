@@ -1,6 +1,5 @@
 """The consume loop: take a batch, apply it in one database transaction, then commit its offsets."""
 
-import gc
 import logging
 import signal
 import sys
@@ -15,6 +14,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, close_old
 
 from ops import metrics, tracing
 from ops.db import lock_conflict
+from ops.runtime import collect_garbage_for_batches
 
 from . import kafka
 from .models import ConsumerDeadLetter
@@ -41,9 +41,7 @@ SWITCH_INTERVAL = 0.0001
 def tune_process_for_consuming() -> None:
     """Process-wide settings for a process that runs the consumer (consume_events)."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    # What start-up loaded lives as long as the process: keep the collector from walking it again and again
-    # (each batch allocates thousands of containers, and every so often a full collection follows).
-    gc.freeze()
+    collect_garbage_for_batches()  # each batch allocates thousands of containers, and frees them by refcount
 
 
 class _WriterStopped(Exception):

@@ -1,7 +1,6 @@
-import gc
-
 from django.core.management.base import BaseCommand
 
+from ops.runtime import collect_garbage_for_batches
 from ops.tracing import tracing_setup
 from relay.services import relay_run
 
@@ -14,7 +13,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, until_empty=False, **options):
         tracing_setup(process="relay")
-        gc.freeze()  # start-up's objects live as long as the process: the collector need not walk them again
+        collect_garbage_for_batches()
         total = 0
         while True:
             result = relay_run()
