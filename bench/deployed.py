@@ -87,7 +87,7 @@ def deployed_drain(n: int, *, log_path) -> float:
             process.wait(30)
 
 
-def run(n: int, rounds: int = 3) -> dict:
+def run(n: int, rounds: int = 5) -> dict:
     """Rounds of raw SQL (one connection, then two) and the deployed drain, back to back. This machine's speed
     was seen to swing by a quarter from one minute to the next, so one pair decides little: the headline figures
     are the round whose deployed / one-connection ratio is the median; every round is kept."""
