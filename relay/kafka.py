@@ -135,12 +135,12 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
     if not messages:
         return []
     kafka = producer.get()
-    # The delivery callback only files the report (one Python call per message; kept small); reports become
-    # Deliveries once all are in.
-    reports: list = [None] * len(messages)
+    reports: list[Delivery | None] = [None] * len(messages)
 
     def on_delivery(index: int, error: KafkaError | None, msg) -> None:
-        reports[index] = msg if error is None else _delivery_from_error(error)
+        # Positional: one per message published, and keyword construction of a NamedTuple costs more.
+        reports[index] = (Delivery(None, True, msg.partition(), msg.offset()) if error is None
+                          else _delivery_from_error(error))
 
     for index, message in enumerate(messages):
         while True:
@@ -161,11 +161,7 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
     while None in reports and time.monotonic() < deadline:
         kafka.poll(0.005)
 
-    deliveries = [
-        TIMED_OUT if report is None else report if type(report) is Delivery
-        else Delivery(None, True, report.partition(), report.offset())
-        for report in reports
-    ]
+    deliveries = [report or TIMED_OUT for report in reports]
     if producer.fatal_error is not None:
         producer.discard(f"fatal error {producer.fatal_error}")
     elif all(d.error is not None and d.retriable for d in deliveries) and any(
