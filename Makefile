@@ -4,7 +4,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 # The lock files (*.txt) are compiled from the hand-edited lists (*.in): `make lock` after editing one.
 UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --universal --generate-hashes --python-version 3.11
 
-.PHONY: install lock run test bench chaos chaos-compare clean
+.PHONY: install lock run test bench chaos chaos-cluster chaos-compare clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	scripts/system-deps
@@ -44,6 +44,11 @@ bench: install
 
 chaos: install
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run $(CHAOS_ARGS)
+
+# Against a mock cluster of three brokers: leader moves, a broker down, injected produce and consumer errors, fatal
+# idempotence errors and a three-minute outage of every broker, with the relay's default settings.
+chaos-cluster: install
+	PYTHONPATH=. $(VENV)/bin/python -m chaos.run --cluster $(CHAOS_ARGS)
 
 # The direct publish the outbox replaces (acks=1, then acks=all), and the outbox, under the same faults.
 chaos-compare: install

@@ -18,6 +18,11 @@ everything the broker holds; then the broker is killed and the worker resumed at
 the whole outage (timeouts, backoff, a producer whose broker lost its state). `--ungated-broker-kill` skips that
 (the checks then also count what the dev broker itself threw away).
 
+With --cluster the broker is librdkafka's mock cluster of three brokers (chaos.mock_cluster) instead, behaving like
+a real multi-broker cluster: partition leaders move every few seconds all run long, and the schedule injects
+retriable produce errors, fatal idempotence errors, one broker down, consumer-group errors and every broker down
+for three minutes, with the relay's default settings (nothing raised): no event may be dead-lettered.
+
 Options for exploring one fault: `--faults broker,worker,...` (any order of worker, broker, consumer, database),
 `--first-fault-at S`, `--broker-down S`, `--relay-hold S` (the relay stays stopped S more seconds before a broker
 kill, so a backlog builds), `--kill-worker-with-broker`, `--drain-timeout S`, `--seed N`.
@@ -43,6 +48,7 @@ import redis
 
 from chaos.checker import TopicChecker
 from chaos.load import Load
+from chaos.mock_cluster import MockCluster
 from chaos.procs import (ROOT, VENV_BIN, AnotherRun, ChaosBroker, Proc, acquire_run_lock, forget_own_pids,
                          kill_leftovers, mariadb_ensure_running, mariadb_start, mariadb_stop)
 from chaos.report import Database, build_report, expected_events, projection_mismatches
@@ -69,12 +75,24 @@ VARIANTS = {"acks1": "(a) direct publish, acks=1", "acksall": "(b) direct publis
 PRODUCT_ENV = {
     "DJANGO_DEBUG": "0",
     "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
+    "KAFKA_CONSUMER_CONFIG": '{"session.timeout.ms": 6000}',
+}
+# Against the dev broker only: its kills are short, and the relay's settings are shortened to match.
+DEV_BROKER_RELAY_ENV = {
     "OUTBOX_PUBLISH_TIMEOUT": "3",
     "OUTBOX_BACKOFF_BASE": "0.2",
     "OUTBOX_BACKOFF_MAX": "2",
     "OUTBOX_MAX_ATTEMPTS": "1000",
-    "KAFKA_CONSUMER_CONFIG": '{"session.timeout.ms": 6000}',
 }
+
+# --cluster: librdkafka's mock cluster of three brokers (chaos.mock_cluster), leaders moved every few seconds
+# all run long, and these faults on the schedule; the relay runs with its default settings.
+CLUSTER_FAULTS_QUICK = ["produce-errors", "broker-down", "fatal", "consumer-errors", "worker", "outage"]
+CLUSTER_FAULTS_FULL = ["produce-errors", "broker-down", "fatal", "consumer-errors", "worker", "outage", "consumer",
+                       "database", "fatal", "broker-down"]
+CLUSTER_KINDS = {"produce-errors", "broker-down", "fatal", "consumer-errors", "outage"}
+CLUSTER_BROKERS = 3
+CLUSTER_PARTITIONS = 6
 
 
 class Harness(Exception):
@@ -105,6 +123,8 @@ class ChaosRun:
         self._monitor_stop = threading.Event()
         self.env: dict = {}
         self.lock = None  # held for the whole run: one chaos run at a time on this machine
+        self.down_brokers: set[int] = set()  # --cluster: brokers a fault has taken down
+        self.leader_moves_done = 0
 
     # ------------------------------------------------------------------------------------------ output
 
@@ -118,6 +138,8 @@ class ChaosRun:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("OUTBOX_", "INBOX_", "KAFKA_", "DJANGO_", "DATABASE_", "CELERY_", "IDEMPOTENCY_"))}
         env.update(PRODUCT_ENV)
+        if not self.args.cluster:
+            env.update(DEV_BROKER_RELAY_ENV)
         if self.baseline:
             env["CHAOS_DIRECT_PUBLISH_ACKS"] = BASELINES[self.baseline]
         env.update({
@@ -283,8 +305,73 @@ class ChaosRun:
         return (f"{note}broker SIGKILLed (its in-memory log, consumer-group offsets and producer state are gone), "
                 f"down {self.args.broker_down:.0f} s, restarted empty with topics in {time.monotonic() - begin:.1f} s")
 
+    # ------------------------------------------------------------------------------------------ cluster faults
+
+    def move_leaders(self) -> None:
+        """Every partition's leader to another broker that is up, every few seconds, all run long."""
+        while not self._monitor_stop.wait(self.args.leader_moves):
+            if len(self.down_brokers) < CLUSTER_BROKERS:
+                try:
+                    self.broker.move_leaders(avoid=sorted(self.down_brokers))
+                    self.leader_moves_done += 1
+                except Exception as exc:
+                    self.say(f"leader move failed: {exc}")
+
+    def fault_produce_errors(self) -> str:
+        bursts = [["NOT_ENOUGH_REPLICAS"] * 10, ["REQUEST_TIMED_OUT"] * 10, ["NOT_LEADER_OR_FOLLOWER"] * 10,
+                  ["NOT_ENOUGH_REPLICAS_AFTER_APPEND"] * 5]
+        for burst in bursts:
+            self.broker.call("push_errors", api="Produce", errors=burst)
+            time.sleep(1.5)
+        return "retriable produce errors: 10 NOT_ENOUGH_REPLICAS, 10 REQUEST_TIMED_OUT, 10 NOT_LEADER_OR_FOLLOWER, " \
+               "5 NOT_ENOUGH_REPLICAS_AFTER_APPEND, in bursts 1.5 s apart"
+
+    def fault_fatal(self) -> str:
+        self.broker.call("push_errors", api="Produce", errors=["OUT_OF_ORDER_SEQUENCE_NUMBER"] * 3)
+        time.sleep(3)
+        self.broker.call("push_errors", api="Produce", errors=["UNKNOWN_PRODUCER_ID"] * 3)
+        time.sleep(3)
+        self.broker.call("push_errors", api="Produce", errors=["OUT_OF_ORDER_SEQUENCE_NUMBER"] * 3)
+        return "fatal idempotence errors: 3 OUT_OF_ORDER_SEQUENCE_NUMBER, 3 UNKNOWN_PRODUCER_ID, 3 more " \
+               "OUT_OF_ORDER_SEQUENCE_NUMBER, 3 s apart"
+
+    def fault_broker_down(self) -> str:
+        broker = 2
+        self.down_brokers.add(broker)
+        self.broker.call("broker_down", broker=broker)
+        time.sleep(2)
+        self.broker.move_leaders(avoid=[broker])  # the cluster elects other leaders
+        time.sleep(6)
+        self.broker.call("broker_up", broker=broker)
+        self.down_brokers.discard(broker)
+        return f"broker {broker} down (its partitions leaderless for 2 s, then led by the others), back after 8 s"
+
+    def fault_outage(self) -> str:
+        self.down_brokers.update(range(1, CLUSTER_BROKERS + 1))
+        self.broker.call("broker_down", broker=-1)
+        time.sleep(self.args.outage)
+        self.broker.call("broker_up", broker=-1)
+        self.down_brokers.clear()
+        return f"every broker down for {self.args.outage:g} s"
+
+    def fault_consumer_errors(self) -> str:
+        self.broker.call("push_errors", api="OffsetCommit", errors=["NOT_COORDINATOR", "REBALANCE_IN_PROGRESS",
+                                                                    "COORDINATOR_NOT_AVAILABLE"])
+        self.broker.call("push_errors", api="Heartbeat", errors=["REBALANCE_IN_PROGRESS", "NOT_COORDINATOR"])
+        self.broker.call("push_errors", api="Fetch", errors=["NOT_LEADER_OR_FOLLOWER", "UNKNOWN_TOPIC_OR_PART",
+                                                             "REQUEST_TIMED_OUT"])
+        time.sleep(3)
+        self.broker.call("set_coordinator", group=self.group_id, broker=3)
+        time.sleep(3)
+        self.broker.call("push_errors", api="OffsetCommit", errors=["REBALANCE_IN_PROGRESS", "NOT_COORDINATOR"])
+        return "consumer errors: OffsetCommit NOT_COORDINATOR/REBALANCE_IN_PROGRESS/COORDINATOR_NOT_AVAILABLE, " \
+               "Heartbeat REBALANCE_IN_PROGRESS/NOT_COORDINATOR, Fetch NOT_LEADER/UNKNOWN_TOPIC/REQUEST_TIMED_OUT, " \
+               "the group's coordinator moved to broker 3, two more commit errors"
+
     def schedule(self) -> list[tuple[float, str]]:
-        kinds = self.args.faults or (QUICK_FAULTS if self.args.quick else FULL_FAULTS)
+        default = (CLUSTER_FAULTS_QUICK if self.args.quick else CLUSTER_FAULTS_FULL) if self.args.cluster else (
+            QUICK_FAULTS if self.args.quick else FULL_FAULTS)
+        kinds = self.args.faults or default
         first, tail = self.args.first_fault_at, 12.0
         spacing = max((self.args.seconds - first - tail) / len(kinds), 4.0)
         return [(first + i * spacing, kind) for i, kind in enumerate(kinds)]
@@ -306,18 +393,29 @@ class ChaosRun:
             shutil.rmtree(old, ignore_errors=True)
         print(f"chaos run {self.run_id}: load {args.seconds:.0f} s at {args.rate:g} orders/s"
               f"{' (quick)' if args.quick else ''}; logs in {self.log_dir.relative_to(ROOT)}/", flush=True)
-        print("OUTBOX_MAX_ATTEMPTS=1000 (backoff 0.2 s doubling up to 2 s, 3 s publish timeout): an outage of this run "
-              "must not dead-letter anything; a dead-lettered or failed event counts as a failure.", flush=True)
+        if args.cluster:
+            print(f"a mock cluster of {CLUSTER_BROKERS} brokers, leaders moved every {args.leader_moves:g} s; the relay's "
+                  "default settings: no fault of this run may dead-letter anything; a dead-lettered or failed event "
+                  "counts as a failure.", flush=True)
+        else:
+            print("OUTBOX_MAX_ATTEMPTS=1000 (backoff 0.2 s doubling up to 2 s, 3 s publish timeout): an outage of this "
+                  "run must not dead-letter anything; a dead-lettered or failed event counts as a failure.", flush=True)
         if leftovers := kill_leftovers():
             self.say(f"killed process groups left by an earlier run: {leftovers}")
         if mariadb_ensure_running():
             self.say("MariaDB was not answering; started it")
 
-        self.broker = ChaosBroker(topics=TOPICS, log_dir=self.log_dir)
+        if args.cluster:
+            self.broker = MockCluster(brokers=CLUSTER_BROKERS, topics={t: CLUSTER_PARTITIONS for t in TOPICS},
+                                      log_path=self.log_dir / "mock-cluster.log")
+            self.broker.start()
+        else:
+            self.broker = ChaosBroker(topics=TOPICS, log_dir=self.log_dir)
         self.env = self.product_env(self.broker.bootstrap)
         token = self.prepare_database()
         redis.Redis.from_url(CELERY_BROKER_URL).flushdb()
-        self.broker.start()
+        if not args.cluster:
+            self.broker.start()
         self.say(f"broker on {self.broker.bootstrap}, database orders_chaos migrated, consumer group {self.group_id}")
 
         self.checker = TopicChecker(self.broker.bootstrap, TOPIC)
@@ -340,6 +438,8 @@ class ChaosRun:
         self.say(f"warm-up order went through end to end in {time.monotonic() - warm:.1f} s")
 
         monitor = threading.Thread(target=self.monitor, name="monitor", daemon=True)
+        if args.cluster and args.leader_moves > 0:
+            threading.Thread(target=self.move_leaders, name="leader-moves", daemon=True).start()
         self.t0 = time.monotonic()
         self.load.start_creating()
         monitor.start()
@@ -352,7 +452,7 @@ class ChaosRun:
                 time.sleep(delay)
             begin = time.monotonic() - self.t0
             self.say(f"fault: {kind} ...")
-            what = getattr(self, f"fault_{kind}")()
+            what = getattr(self, f"fault_{kind.replace('-', '_')}")()
             last_fault_end = time.monotonic() - self.t0
             line = f"t+{begin:6.1f}s .. {last_fault_end:6.1f}s  {kind:<9} {what}"
             self.timeline.append(line)
@@ -423,6 +523,11 @@ class ChaosRun:
             print("  " + line)
         starts = ", ".join(f"{name} started {p.starts}x" for name, p in self.procs.items())
         print(f"processes: {starts}; broker lives: {self.checker.epoch}")
+        if self.args.cluster:
+            worker_log = self.procs["worker"].log_path.read_text(errors="replace")
+            print(f"cluster: {self.leader_moves_done} leader moves; the worker's producer rebuilt "
+                  f"{worker_log.count('discarding the Kafka producer and building a new one')} time(s), after "
+                  f"{worker_log.count('building a new one: fatal error')} fatal error(s)")
         if self.gate_notes:
             print("gate notes: " + " | ".join(self.gate_notes))
         print("http answers: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.load.counts.items())))
@@ -504,6 +609,14 @@ def parse_args(argv=None):
                         help="comma-separated fault kinds in order (worker, broker, consumer, database) "
                              "instead of the default schedule")
     parser.add_argument("--first-fault-at", type=float, default=6.0, help="seconds of load before the first fault")
+    parser.add_argument("--cluster", action="store_true",
+                        help="against librdkafka's mock cluster of three brokers instead of the dev broker: leaders "
+                             "moved all run long; faults produce-errors, broker-down, fatal, consumer-errors, outage "
+                             "(and worker, consumer, database); the relay's default settings")
+    parser.add_argument("--outage", type=float, help="--cluster: seconds every broker stays down in the outage "
+                                                     "fault (default 180)")
+    parser.add_argument("--leader-moves", type=float, default=3.0,
+                        help="--cluster: seconds between leader moves (0: none)")
     parser.add_argument("--baseline", choices=sorted(BASELINES),
                         help="run the approach the product replaces instead (chaos.direct_publish: commit, then "
                              "publish from a thread of the web process) with acks=1 or acks=all + idempotence")
@@ -511,9 +624,14 @@ def parse_args(argv=None):
                         help="run (a) the baseline with acks=1, (b) with acks=all + idempotence, (c) the outbox, "
                              f"under the same faults (default {','.join(COMPARE_FAULTS)}), and print them side by side")
     args = parser.parse_args(argv)
-    unknown = set(args.faults or []) - {"worker", "broker", "consumer", "database", "web"}
+    kinds = {"worker", "consumer", "database", "web"} | (CLUSTER_KINDS if args.cluster else {"broker"})
+    unknown = set(args.faults or []) - kinds
     if unknown:
-        parser.error(f"unknown fault kind(s): {', '.join(sorted(unknown))}")
+        parser.error(f"unknown fault kind(s){' with --cluster' if args.cluster else ''}: {', '.join(sorted(unknown))}")
+    if args.cluster and (args.baseline or args.compare):
+        parser.error("--cluster runs the outbox only")
+    if args.outage is None:
+        args.outage = 180.0
     if (args.baseline or args.compare) and "worker" in (args.faults or []):
         parser.error("the baseline has no Celery worker to kill: use the web fault")
     if args.broker_down is None:

@@ -15,6 +15,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, close_old
 from ops import metrics, tracing
 from ops.db import lock_conflict
 from ops.runtime import collect_garbage_for_batches
+from relay import kafka as producing  # the product's producer: idempotent, rebuilt after a fatal error
 
 from . import kafka
 from .models import ConsumerDeadLetter
@@ -299,8 +300,7 @@ class EventConsumer:
 
     def _publish_dead_letter(self, raw: RawMessage, error: str, attempts: int) -> bool:
         if self._dlq_producer is None:
-            self._dlq_producer = kafka.build_producer()
-        outcome = []
+            self._dlq_producer = producing.ProducerHolder(config=kafka.dlq_producer_config)
         headers = raw.headers + [
             ("dlq.error", error.encode()),
             ("dlq.attempts", str(attempts).encode()),
@@ -310,19 +310,13 @@ class EventConsumer:
             ("dlq.consumerGroup", self.group_id.encode()),
             ("dlq.failedAt", datetime.now(timezone.utc).isoformat().encode()),
         ]
-        try:
-            self._dlq_producer.produce(
-                self.dlq_topic, key=raw.key, value=raw.value, headers=headers,
-                on_delivery=lambda err, _msg: outcome.append(err),
-            )
-        except (kafka.KafkaException, BufferError) as exc:  # refused locally (too large, queue full)
-            outcome.append(exc)
-        self._dlq_producer.flush(15)
-        if outcome and outcome[0] is None:
+        message = producing.Message(self.dlq_topic, raw.key, raw.value, headers)
+        delivery = producing.publish([message], timeout=15, holder=self._dlq_producer)[0]
+        if delivery.ok:
             return True
         # The dead letter is in the database either way; the topic copy is for downstream tooling.
         logger.critical("could not write %s[%d]@%d to DLQ topic %s: %s; it is kept in the database",
-                        raw.topic, raw.partition, raw.offset, self.dlq_topic, outcome[0] if outcome else "timeout")
+                        raw.topic, raw.partition, raw.offset, self.dlq_topic, delivery.error)
         return False
 
     def _context(self, raw: RawMessage, attempt: int, event_id: str | None = None) -> dict:

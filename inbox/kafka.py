@@ -1,11 +1,11 @@
 """The consumer side's only contact with Kafka."""
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from django.conf import settings
 
 from ops.kafka_log import client_logger
 
-__all__ = ["Consumer", "KafkaError", "KafkaException", "Message", "TopicPartition", "build_consumer", "build_producer"]
+__all__ = ["Consumer", "KafkaError", "KafkaException", "Message", "TopicPartition", "build_consumer", "dlq_producer_config"]
 
 
 def build_consumer(*, group_id: str) -> Consumer:
@@ -29,19 +29,17 @@ def build_consumer(*, group_id: str) -> Consumer:
     )
 
 
-def build_producer() -> Producer:
-    """For the consumer's DLQ topic."""
-    return Producer(
-        {
-            "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
-            "message.timeout.ms": 10000,
-            "logger": client_logger(),
-            **settings.KAFKA_CONFIG,
-            **settings.KAFKA_PRODUCER_CONFIG,
-            "enable.idempotence": True,
-            "acks": "all",
-        }
-    )
+def dlq_producer_config() -> dict:
+    """For the consumer's DLQ topic (a relay.kafka.ProducerHolder: rebuilt after a fatal error)."""
+    return {
+        "bootstrap.servers": settings.KAFKA_BOOTSTRAP_SERVERS,
+        "message.timeout.ms": 10000,
+        "logger": client_logger(),
+        **settings.KAFKA_CONFIG,
+        **settings.KAFKA_PRODUCER_CONFIG,
+        "enable.idempotence": True,
+        "acks": "all",
+    }
 
 
 def build_offsets_reader(*, group_id: str) -> Consumer:

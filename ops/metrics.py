@@ -18,6 +18,8 @@ OUTBOX_PUBLISH_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 PRODUCER_REBUILT = Counter("outbox_producer_rebuilt", "Kafka producers discarded and rebuilt")
+# Relay, DLQ and consumer-DLQ producers alike: each one is followed by a rebuild.
+PRODUCER_FATAL_ERRORS = Counter("outbox_producer_fatal_errors", "Fatal errors reported by a Kafka producer")
 
 INBOX_PROCESSED = Counter("inbox_events_processed", "Events applied by the consumer", ["group"])
 INBOX_DUPLICATES = Counter("inbox_duplicates_skipped", "Redelivered events skipped by the consumer", ["group"])

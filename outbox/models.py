@@ -31,6 +31,9 @@ class OutboxEvent(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     available_at = models.DateTimeField(default=timezone.now, help_text="Not published before this time (backoff).")
     last_error = models.TextField(blank=True, default="")
+    # When the current run of retriable failures began (NULL while none): an outage keeps an event retrying,
+    # and it is given up only once it has been failing for OUTBOX_GIVE_UP_AFTER (README "Retries").
+    failing_since = models.DateTimeField(null=True, blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
     # Where the broker wrote the event; NOT_PUBLISHED until it acknowledged it. Not NULL on purpose: marking
     # a row sent then rewrites fixed-size values in place, where NULL -> value grows every row of a batch

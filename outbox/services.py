@@ -70,6 +70,7 @@ def failed_event_requeue(*, failed_events, user) -> int:
             status=OutboxEvent.Status.PENDING,
             attempts=0,
             available_at=timezone.now(),
+            failing_since=None,
             last_error="",
         )
         failed.status = FailedEvent.Status.REQUEUED

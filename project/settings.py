@@ -176,9 +176,15 @@ OUTBOX_WAKE_ON_COMMIT = env_bool("OUTBOX_WAKE_ON_COMMIT", True)
 OUTBOX_WAKE_EXPIRES = env_float("OUTBOX_WAKE_EXPIRES", 10.0)
 OUTBOX_WAKE_LINGER = env_float("OUTBOX_WAKE_LINGER", 0.01)
 OUTBOX_PUBLISH_TIMEOUT = env_float("OUTBOX_PUBLISH_TIMEOUT", 10.0)
+# A retriable failure (broker away, timeouts, leader moves, not enough replicas) is never the event's fault: the
+# event is given up only once it has failed OUTBOX_MAX_ATTEMPTS times AND has kept failing for
+# OUTBOX_GIVE_UP_AFTER seconds (6 hours). 0 gives up after OUTBOX_MAX_ATTEMPTS alone. Refusals for good (too
+# large, invalid topic, authorization) are dead-lettered at once; producer failures cost no attempt.
 OUTBOX_MAX_ATTEMPTS = env_int("OUTBOX_MAX_ATTEMPTS", 5)
+OUTBOX_GIVE_UP_AFTER = env_float("OUTBOX_GIVE_UP_AFTER", 6 * 3600.0)
 OUTBOX_BACKOFF_BASE = env_float("OUTBOX_BACKOFF_BASE", 1.0)
-OUTBOX_BACKOFF_MAX = env_float("OUTBOX_BACKOFF_MAX", 300.0)
+# The cap also bounds how long an event waits after an outage ends.
+OUTBOX_BACKOFF_MAX = env_float("OUTBOX_BACKOFF_MAX", 30.0)
 OUTBOX_DLQ_RETRY_INTERVAL = env_float("OUTBOX_DLQ_RETRY_INTERVAL", 3600.0)
 OUTBOX_DLQ_MAX_RETRIES = env_int("OUTBOX_DLQ_MAX_RETRIES", 5)
 OUTBOX_RETENTION_HOURS = env_float("OUTBOX_RETENTION_HOURS", 168.0)

@@ -28,7 +28,7 @@ class Claimed:
     """A claimed row. A plain class with slots, not a dataclass: one is built per event published."""
 
     __slots__ = ("id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "occurred_at",
-                 "attempts", "topic", "source", "trace_parent", "trace_state")
+                 "attempts", "topic", "source", "trace_parent", "trace_state", "failing_since")
 
     def __init__(
         self, *, id: int, event_id: str, aggregate_type: str, aggregate_id: str, event_type: str,
@@ -39,6 +39,7 @@ class Claimed:
         source: str = "",  # OUTBOX_CLOUDEVENTS_SOURCE, read once per batch too
         trace_parent: str = "",  # the enqueuing request's W3C Trace Context, sent on as the message's headers
         trace_state: str = "",
+        failing_since: datetime | None = None,  # naive UTC: when its current run of retriable failures began
     ):
         self.id, self.event_id, self.attempts = id, event_id, attempts
         self.aggregate_type, self.aggregate_id, self.event_type = aggregate_type, aggregate_id, event_type
@@ -46,6 +47,7 @@ class Claimed:
         self.topic = topic or settings.OUTBOX_TOPIC_PREFIX + aggregate_type
         self.source = source or settings.OUTBOX_CLOUDEVENTS_SOURCE
         self.trace_parent, self.trace_state = trace_parent, trace_state
+        self.failing_since = failing_since
 
     def __repr__(self) -> str:
         return f"Claimed(id={self.id}, event_id={self.event_id!r}, aggregate_id={self.aggregate_id!r})"
@@ -130,7 +132,7 @@ def claim_sql(*, skip_ranges: list[tuple[int, int]] = ()) -> str:
     skip = "".join(f" AND id NOT BETWEEN {low} AND {high}" for low, high in skip_ranges)
     return (
         f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts, "
-        f"trace_parent, trace_state "
+        f"trace_parent, trace_state, failing_since "
         f"FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status = 'pending' AND available_at <= %s{skip} "
         f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
@@ -145,7 +147,7 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
         Claimed(
             id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
             payload=r[5], occurred_at=r[6], attempts=r[7], topic=prefix + r[2], source=source,
-            trace_parent=r[8], trace_state=r[9],
+            trace_parent=r[8], trace_state=r[9], failing_since=r[10],
         )
         for r in rows
     ]

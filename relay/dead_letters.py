@@ -77,7 +77,7 @@ def _publish_dead_letters(records: list[FailedEvent]) -> None:
             deliveries[i] = delivery
     now = timezone.now()
     for record, delivery in zip(records, deliveries):
-        record.dlq_attempts += 1
+        record.dlq_attempts += 1 if delivery.costs_attempt else 0  # a failure of the producer is not the DLQ's
         if delivery.ok:
             record.status = FailedEvent.Status.DEAD_LETTERED
             record.dlq_error = ""
@@ -89,7 +89,9 @@ def _publish_dead_letters(records: list[FailedEvent]) -> None:
                 record.dlq_next_attempt_at = None
             else:
                 record.status = FailedEvent.Status.DLQ_PENDING
-                record.dlq_next_attempt_at = now + timedelta(seconds=settings.OUTBOX_DLQ_RETRY_INTERVAL)
+                # After a producer failure, at the sweeper's next run (a rebuilt producer is up by then).
+                retry_in = settings.OUTBOX_DLQ_RETRY_INTERVAL if delivery.costs_attempt else 0
+                record.dlq_next_attempt_at = now + timedelta(seconds=retry_in)
             logger.critical(
                 "event %s (%s %s:%s) is exhausted and could not be written to the DLQ topic %s: %s; "
                 "it is kept in the failed-events table (status %s)",

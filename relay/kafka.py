@@ -11,7 +11,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from django.conf import settings
 
 from ops.kafka_log import client_logger
-from ops.metrics import PRODUCER_REBUILT
+from ops.metrics import PRODUCER_FATAL_ERRORS, PRODUCER_REBUILT
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,24 @@ NON_RETRIABLE_CODES = frozenset(
 )
 
 
+# Failures of the producer, not of the event: a fatal error of the client (after a leader move the broker
+# may answer an idempotent producer with sequence or producer-id errors it cannot recover from) and messages
+# purged or destroyed with a discarded producer. The producer is rebuilt; the event goes again, at no attempt's cost.
+PRODUCER_FAILURE_CODES = frozenset(
+    {
+        KafkaError._FATAL,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._DESTROY,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.DUPLICATE_SEQUENCE_NUMBER,
+    }
+)
+
+
 # Tuples rather than dataclasses: one of each per event published, and a frozen dataclass costs ~3x to build.
 class Message(NamedTuple):
     """What produce() takes; text is encoded as UTF-8 by the client."""
@@ -44,12 +62,17 @@ class Message(NamedTuple):
 
 
 class Delivery(NamedTuple):
-    """What the broker said about one message. `error` is None when it acknowledged it."""
+    """What the broker said about one message. `error` is None when it acknowledged it.
+
+    retriable: False for a refusal for good (dead-letter at once). costs_attempt: False when the producer,
+    not the event, failed (a fatal client error, a purge by a rebuild): the row goes again with no attempt counted.
+    """
 
     error: str | None = None
     retriable: bool = True
     partition: int | None = None
     offset: int | None = None
+    costs_attempt: bool = True
 
     @property
     def ok(self) -> bool:
@@ -60,8 +83,13 @@ TIMED_OUT = Delivery(error="no delivery report before the publish timeout (maybe
 
 
 def _delivery_from_error(error: KafkaError) -> Delivery:
-    retriable = error.code() not in NON_RETRIABLE_CODES and not error.fatal()
-    return Delivery(error=f"{error.name()}: {error.str()}", retriable=retriable)
+    if _is_producer_failure(error):
+        return Delivery(error=f"{error.name()}: {error.str()}", costs_attempt=False)
+    return Delivery(error=f"{error.name()}: {error.str()}", retriable=error.code() not in NON_RETRIABLE_CODES)
+
+
+def _is_producer_failure(error: KafkaError) -> bool:
+    return error.fatal() or error.code() in PRODUCER_FAILURE_CODES
 
 
 def producer_config() -> dict:
@@ -84,31 +112,20 @@ def producer_config() -> dict:
     }
 
 
-class _ProducerHolder:
-    """One producer per process, built lazily so that each forked Celery child builds its own."""
+class ProducerClient:
+    """One librdkafka producer and the fatal error its error callback reported, if any.
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._producer: Producer | None = None
-        self._pid: int | None = None
+    A fatal error leaves a producer unable to produce ever again: whoever sees one (a delivery report, an
+    exception out of produce(), poll() or flush(), the error callback) discards this client, and the next
+    publish builds a new one.
+    """
+
+    __slots__ = ("kafka", "fatal_error", "pid", "__weakref__")
+
+    def __init__(self, config: dict):
         self.fatal_error: KafkaError | None = None
-
-    def get(self) -> Producer:
-        with self._lock:
-            if self._producer is None or self._pid != os.getpid():
-                self.fatal_error = None
-                self._producer = Producer({**producer_config(), "error_cb": self._on_error})
-                self._pid = os.getpid()
-            return self._producer
-
-    def discard(self, reason: str) -> None:
-        with self._lock:
-            if self._producer is not None and self._pid == os.getpid():
-                logger.warning("discarding the Kafka producer and building a new one: %s", reason)
-                PRODUCER_REBUILT.inc()
-                # Messages still queued may yet be written: that is a duplicate, which consumers dedupe.
-                self._producer.purge(in_queue=True, in_flight=False)
-            self._producer = None
+        self.pid = os.getpid()
+        self.kafka = Producer({**config, "error_cb": self._on_error})
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -117,24 +134,69 @@ class _ProducerHolder:
         else:
             logger.info("Kafka producer: %s", error)
 
+
+class ProducerHolder:
+    """One producer per process (per config), built lazily so that each forked Celery child builds its own.
+
+    discard(client) replaces only that client: a batch that saw its producer fail never discards a newer
+    one that another lane or a later batch built meanwhile. The discarded producer is not purged: a lane
+    still waiting on it keeps its reports, and it is destroyed when the last lane lets go of it.
+    """
+
+    def __init__(self, config=producer_config):
+        self._config = config
+        self._lock = threading.Lock()
+        self._client: ProducerClient | None = None
+        # Whether this process's last publish had a failure that was not a refusal (the broker is away or
+        # misbehaving): the relay then publishes one event per order at a time (relay.ordering).
+        self.troubled = False
+
+    @property
+    def _producer(self) -> Producer | None:  # the current client's producer, if one is built (tests read it)
+        return self._client.kafka if self._client is not None else None
+
+    def get(self) -> ProducerClient:
+        with self._lock:
+            if self._client is None or self._client.pid != os.getpid():
+                self._client = ProducerClient(self._config())
+            return self._client
+
+    def discard(self, reason: str, client: ProducerClient | None = None) -> bool:
+        """Drop `client` (default: the current one) if it is still the current one. Returns whether it was."""
+        with self._lock:
+            current = self._client
+            if current is None or (client is not None and client is not current):
+                return False
+            self._client = None
+            if current.pid == os.getpid():
+                logger.warning("discarding the Kafka producer and building a new one: %s", reason)
+                PRODUCER_REBUILT.inc()
+            return True
+
     def flush(self, timeout: float) -> None:
-        if self._producer is not None and self._pid == os.getpid():
-            self._producer.flush(timeout)
+        client = self._client
+        if client is not None and client.pid == os.getpid():
+            try:
+                client.kafka.flush(timeout)
+            except KafkaException as exc:
+                self.discard(f"flush failed: {exc}", client)
 
 
-producer = _ProducerHolder()
+producer = ProducerHolder()
 
 
-def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
+def publish(messages: list[Message], *, timeout: float, holder: ProducerHolder = producer) -> list[Delivery]:
     """Produce every message asynchronously and wait for all delivery reports (or the timeout).
 
-    Returns one Delivery per message, in order. A fatal producer error, or a batch in which nothing
-    was acknowledged and everything timed out, discards the producer: an idempotent producer whose
-    broker lost its state can time out forever, while a new one delivers at once.
+    Returns one Delivery per message, in order. A fatal producer error, wherever it surfaces, discards the
+    producer, and every message of the batch not acknowledged is reported as the producer's failure (no
+    attempt counted). A batch in which nothing was acknowledged and everything timed out discards it too: an
+    idempotent producer whose broker lost its state can time out forever, while a new one delivers at once.
     """
     if not messages:
         return []
-    kafka = producer.get()
+    client = holder.get()
+    kafka = client.kafka
     reports: list[Delivery | None] = [None] * len(messages)
 
     def on_delivery(index: int, error: KafkaError | None, msg) -> None:
@@ -142,32 +204,50 @@ def publish(messages: list[Message], *, timeout: float) -> list[Delivery]:
         reports[index] = (Delivery(None, True, msg.partition(), msg.offset()) if error is None
                           else _delivery_from_error(error))
 
-    for index, message in enumerate(messages):
-        while True:
-            try:
-                kafka.produce(
-                    message.topic, key=message.key, value=message.value, headers=message.headers,
-                    on_delivery=partial(on_delivery, index),
-                )
+    fatal: KafkaError | None = None
+    try:
+        for index, message in enumerate(messages):
+            while True:
+                try:
+                    kafka.produce(
+                        message.topic, key=message.key, value=message.value, headers=message.headers,
+                        on_delivery=partial(on_delivery, index),
+                    )
+                    break
+                except BufferError:
+                    kafka.poll(0.05)  # local queue full: serve delivery reports to make room
+                except KafkaException as exc:
+                    if _is_producer_failure(exc.args[0]):
+                        raise
+                    reports[index] = _delivery_from_error(exc.args[0])
+                    break
+            if client.fatal_error is not None:
                 break
-            except BufferError:
-                kafka.poll(0.05)  # local queue full: serve delivery reports to make room
-            except KafkaException as exc:
-                reports[index] = _delivery_from_error(exc.args[0])
-                break
-    # Wait for this batch's reports only (not flush(): other relay lanes share the producer).
-    # The margin lets reports for messages that timed out arrive.
-    deadline = time.monotonic() + timeout + 1.0
-    while None in reports and time.monotonic() < deadline:
-        kafka.poll(0.005)
+        # Wait for this batch's reports only (not flush(): other relay lanes share the producer).
+        # The margin lets reports for messages that timed out arrive.
+        deadline = time.monotonic() + timeout + 1.0
+        while None in reports and time.monotonic() < deadline and client.fatal_error is None:
+            kafka.poll(0.005)
+    except KafkaException as exc:
+        if not _is_producer_failure(exc.args[0]):
+            raise
+        fatal = exc.args[0]
+    fatal = fatal or client.fatal_error
+    reason = str(fatal) if fatal is not None else next(
+        (r.error for r in reports if r is not None and not r.ok and not r.costs_attempt), None)
+    if reason is not None:
+        if holder.discard(f"fatal error {reason}", client):
+            PRODUCER_FATAL_ERRORS.inc()
+        holder.troubled = True
+        failed = Delivery(error=f"the producer failed and is rebuilt: {reason}", costs_attempt=False)
+        return [r if r is not None and (r.ok or not r.retriable) else failed for r in reports]
 
     deliveries = [report or TIMED_OUT for report in reports]
-    if producer.fatal_error is not None:
-        producer.discard(f"fatal error {producer.fatal_error}")
-    elif all(d.error is not None and d.retriable for d in deliveries) and any(
+    holder.troubled = any(not d.ok and d.retriable for d in deliveries)
+    if all(d.error is not None and d.retriable for d in deliveries) and any(
         d is TIMED_OUT or "TIMED_OUT" in (d.error or "") for d in deliveries
     ):
-        producer.discard("no message of the batch was acknowledged before the timeout")
+        holder.discard("no message of the batch was acknowledged before the timeout", client)
     return deliveries
 
 
@@ -177,8 +257,7 @@ def producer_warm_up() -> None:
 
     def warm_up() -> None:
         try:
-            kafka = producer.get()
-            kafka.list_topics(timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
+            producer.get().kafka.list_topics(timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
         except Exception as exc:  # the relay runs will report a broker that stays unreachable
             logger.info("Kafka producer warm-up did not finish: %s", exc)
 

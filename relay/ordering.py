@@ -11,7 +11,7 @@ from .claim import CLAIM_INDEX, TABLE, Claimed
 
 
 def split_by_aggregate_order(
-    rows: list[Claimed], *, other_lanes: list[Claimed], now: datetime
+    rows: list[Claimed], *, other_lanes: list[Claimed], now: datetime, one_per_aggregate: bool = False
 ) -> tuple[list[Claimed], list[Claimed]]:
     """Keep per-aggregate order: a row may go only if every earlier pending row of its aggregate goes with it.
 
@@ -22,6 +22,10 @@ def split_by_aggregate_order(
     An earlier row can be in another lane's batch, in backoff, locked by another relay, or just not
     claimed. Rows held behind a row in backoff are moved to its retry time, so claims stop picking them up
     until then.
+
+    one_per_aggregate: only the first row of each aggregate goes; the others wait for the next batch. For
+    when the broker is failing: a message that times out leaves a gap after which later messages of its
+    partition are still written, so a later event must not be in flight beside an earlier one.
     """
     # Earliest pending row of each claimed aggregate that this batch did not claim (usually none), with
     # the time it is due. The table is asked only when it holds other pending rows before this batch's
@@ -41,6 +45,13 @@ def split_by_aggregate_order(
         if blocker is not None and blocker[0] < row.id:
             blocked_until[row.id] = blocker[1] if blocker[1] > now else None
 
+    if one_per_aggregate:
+        first_of_aggregate: set[tuple[str, str]] = set()
+        for row in rows:
+            key = (row.aggregate_type, row.aggregate_id)
+            if row.id not in blocked_until and key in first_of_aggregate:
+                blocked_until[row.id] = None  # claimable again once this batch commits
+            first_of_aggregate.add(key)
     ready = [row for row in rows if row.id not in blocked_until]
     held = [row for row in rows if row.id in blocked_until]
     by_time: dict[datetime, list[int]] = defaultdict(list)

@@ -20,7 +20,7 @@ from . import kafka
 from .claim import TABLE, Claimed, in_flight
 from .dead_letters import dead_letter
 from .ordering import split_by_aggregate_order
-from .retries import schedule_retries
+from .retries import given_up, schedule_retries
 from .tracing import message_trace_headers, producer_spans, producer_spans_end
 
 logger = logging.getLogger(__name__)
@@ -55,19 +55,21 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         result.claimed = len(rows)
         if not rows:
             return result
-        ready, held = split_by_aggregate_order(rows, other_lanes=other_lanes, now=now)
-        result.held = len(held)
+        ready, held = split_by_aggregate_order(
+            rows, other_lanes=other_lanes, now=now,
+            one_per_aggregate=kafka.producer.troubled or any(row.attempts for row in rows),
+        )
         spans = producer_spans(ready) if tracing.enabled() else None
         messages = ([row.message(message_trace_headers(span)) for row, span in zip(ready, spans)]
                     if spans else [row.message() for row in ready])
         deliveries = kafka.publish(messages, timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
-        acked = [(row, d) for row, d in zip(ready, deliveries) if d.ok]
-        failed = [(row, d) for row, d in zip(ready, deliveries) if not d.ok]
+        acked, behind, failed = _sort_outcomes(ready, deliveries)
         _mark_sent(acked, now=timezone.now())
-        result.sent = len(acked)
-        to_retry = [(r, d) for r, d in failed if d.retriable and r.attempts + 1 < settings.OUTBOX_MAX_ATTEMPTS]
-        exhausted = [(r, d) for r, d in failed if not (d.retriable and r.attempts + 1 < settings.OUTBOX_MAX_ATTEMPTS)]
-        schedule_retries(to_retry, now=timezone.now())
+        result.sent, result.held = len(acked), len(held) + len(behind)
+        now = timezone.now()
+        exhausted = [(r, d) for r, d in failed if given_up(r, d, now=now)]
+        to_retry = [(r, d) for r, d in failed if not given_up(r, d, now=now)]
+        schedule_retries(to_retry, now=now)
         dead_letter(exhausted)
         result.retried, result.dead = len(to_retry), len(exhausted)
         if spans:
@@ -80,6 +82,24 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
             extra={"sent": result.sent, "retrying": result.retried, "dead_lettered": result.dead},
         )
     return result
+
+
+def _sort_outcomes(ready: list[Claimed], deliveries: list[kafka.Delivery]):
+    """(acked, behind, failed). Behind: acknowledged, but an earlier event of its order failed retriably in
+    this batch. It stays pending, unmarked, and goes again after its predecessor (a duplicate, which consumers
+    dedupe), so that the order is never marked further than it got. A predecessor refused for good is
+    dead-lettered, and later events proceed (by design)."""
+    acked, behind, failed = [], [], []
+    stalled: set[tuple[str, str]] = set()
+    for row, delivery in zip(ready, deliveries):
+        key = (row.aggregate_type, row.aggregate_id)
+        if delivery.ok:
+            (behind if key in stalled else acked).append((row, delivery))
+        else:
+            failed.append((row, delivery))
+            if delivery.retriable:
+                stalled.add(key)
+    return acked, behind, failed
 
 
 def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) -> None:

@@ -35,11 +35,36 @@ def broker():
     broker.stop()
 
 
+@pytest.fixture(scope="session")
+def mock_cluster():
+    """librdkafka's mock cluster (three brokers) in a process of its own, for the faults of a real cluster:
+    leader moves, brokers down, injected request errors (chaos.mock_cluster)."""
+    from chaos.mock_cluster import MockCluster
+
+    cluster = MockCluster(brokers=3, topics={"outbox.event.order": 6, "outbox.dlq": 1, "order-stats.dlq": 1})
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def on_mock_cluster(mock_cluster, settings):
+    """The relay and consumer of this test talk to the mock cluster; every fault injected is cleared after it."""
+    settings.KAFKA_BOOTSTRAP_SERVERS = mock_cluster.bootstrap
+    producer.discard("the test moves to the mock cluster")
+    yield mock_cluster
+    mock_cluster.call("broker_up", broker=-1)
+    for api in ("Produce", "Fetch", "OffsetCommit", "JoinGroup", "SyncGroup", "Heartbeat", "InitProducerId",
+                "FindCoordinator", "Metadata"):
+        mock_cluster.call("clear_errors", api=api)
+
+
 @pytest.fixture(autouse=True)
 def kafka_settings(broker, settings):
     settings.KAFKA_BOOTSTRAP_SERVERS = broker.bootstrap
     yield
     producer.discard("test finished")
+    producer.troubled = False
 
 
 @pytest.fixture

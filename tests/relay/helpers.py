@@ -17,6 +17,7 @@ ORDER = {"customer_id": "c-1", "items": [{"sku": "A-1", "quantity": 1, "unit_pri
 
 RETRIABLE = kafka.Delivery(error="_TRANSPORT: broker down", retriable=True)
 TOO_LARGE = kafka.Delivery(error="MSG_SIZE_TOO_LARGE: too big", retriable=False)
+PRODUCER_FAILED = kafka.Delivery(error="the producer failed and is rebuilt: _FATAL", costs_attempt=False)
 
 
 def relay_until(condition, *, timeout: float, message: str):
@@ -50,7 +51,9 @@ class ScriptedProducer:
     def __call__(self, messages, *, timeout):
         self.published.extend(messages)
         ack = kafka.Delivery(partition=0, offset=len(self.published))
-        return [ack if m.topic != TOPIC else self.failing.get(self._name(m), ack) for m in messages]
+        deliveries = [ack if m.topic != TOPIC else self.failing.get(self._name(m), ack) for m in messages]
+        kafka.producer.troubled = any(not d.ok and d.retriable for d in deliveries)
+        return deliveries
 
     @staticmethod
     def _name(message):

@@ -62,7 +62,7 @@ def test_invalid_topic_is_dead_lettered_at_once_with_its_value(api, broker, sett
 
 
 def test_dlq_unreachable_records_failure_logs_critical_and_sweeper_delivers_later(api, broker_outage, settings, caplog):
-    settings.OUTBOX_MAX_ATTEMPTS = 1
+    settings.OUTBOX_MAX_ATTEMPTS, settings.OUTBOX_GIVE_UP_AFTER = 1, 0  # an outage exhausts at once here
     settings.OUTBOX_DLQ_RETRY_INTERVAL = 0
     broker_outage.stop()
     api.post("/api/orders/", ORDER, format="json")
@@ -89,7 +89,7 @@ def test_dlq_unreachable_records_failure_logs_critical_and_sweeper_delivers_late
 
 
 def test_sweeper_gives_up_after_its_retries_and_marks_failed(api, broker_outage, settings):
-    settings.OUTBOX_MAX_ATTEMPTS = 1
+    settings.OUTBOX_MAX_ATTEMPTS, settings.OUTBOX_GIVE_UP_AFTER = 1, 0  # an outage exhausts at once here
     settings.OUTBOX_DLQ_RETRY_INTERVAL = 0
     settings.OUTBOX_DLQ_MAX_RETRIES = 2
     broker_outage.stop()

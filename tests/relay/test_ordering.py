@@ -5,6 +5,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from outbox.models import FailedEvent, OutboxEvent
+from relay import kafka
 from relay.claim import _claim
 from relay.ordering import split_by_aggregate_order
 from relay.services import relay_publish_batch
@@ -30,9 +31,54 @@ def test_later_event_waits_behind_one_in_backoff_and_others_flow(producer):
 
     del producer.failing["1", "OrderCreated"]
     make_due()
+    relay_publish_batch()  # the retried Created alone: after a failure, one event per order at a time
     relay_publish_batch()
     assert producer.events()[-2:] == [("1", "OrderCreated"), ("1", "OrderCancelled")]
     assert set(OutboxEvent.objects.values_list("status", flat=True)) == {"sent"}
+
+
+@pytest.mark.django_db
+def test_in_one_batch_a_later_event_is_not_marked_sent_when_an_earlier_one_of_its_order_failed(producer):
+    """librdkafka may write a later message of a partition after an earlier one timed out (a gap): the later
+    event stays pending and goes again after its predecessor; other orders are not held."""
+    producer.failing["1", "OrderCreated"] = RETRIABLE
+    created, cancelled, other = enqueue("1", "OrderCreated"), enqueue("1", "OrderCancelled"), enqueue("2", "OrderCreated")
+
+    result = relay_publish_batch()
+
+    assert (result.sent, result.retried, result.held) == (1, 1, 1)
+    assert producer.events() == [("1", "OrderCreated"), ("1", "OrderCancelled"), ("2", "OrderCreated")]
+    statuses = dict(OutboxEvent.objects.values_list("id", "status"))
+    assert (statuses[created.id], statuses[cancelled.id], statuses[other.id]) == ("pending", "pending", "sent")
+    cancelled.refresh_from_db()
+    assert cancelled.attempts == 0 and cancelled.kafka_offset == -1
+
+    del producer.failing["1", "OrderCreated"]
+    make_due()
+    while OutboxEvent.objects.filter(status="pending").exists():
+        relay_publish_batch()
+        make_due()
+    # Published again in order (the first Cancelled was a duplicate ahead of its Created, which consumers skip).
+    assert producer.events()[3:] == [("1", "OrderCreated"), ("1", "OrderCancelled")]
+
+
+@pytest.mark.django_db
+def test_while_publishes_fail_one_event_per_order_is_in_flight(producer):
+    """After a failed publish (or for rows already retried), a batch sends only the first event of each order;
+    the next batch sends the next, so a timed-out message cannot leave a later one of its order behind it."""
+    producer.failing["0", "OrderCreated"] = RETRIABLE
+    enqueue("0", "OrderCreated")
+    relay_publish_batch()  # fails: this process's producer is now troubled
+    for order in ("1", "2"):
+        enqueue(order, "OrderCreated")
+        enqueue(order, "OrderCancelled")
+    assert kafka.producer.troubled
+    first = relay_publish_batch()
+    assert (first.sent, first.held) == (2, 2)
+    assert producer.events()[-2:] == [("1", "OrderCreated"), ("2", "OrderCreated")]
+    second = relay_publish_batch()
+    assert second.sent == 2
+    assert producer.events()[-2:] == [("1", "OrderCancelled"), ("2", "OrderCancelled")]
 
 
 @pytest.mark.django_db

@@ -1,6 +1,8 @@
 """Retriable failures: backoff with jitter, rows out of the claims while in backoff, exhaustion at the limit,
 and a broker that is really down."""
 
+from datetime import timedelta
+
 import pytest
 from django.utils import timezone
 
@@ -8,12 +10,13 @@ from outbox.models import FailedEvent, OutboxEvent
 from relay.retries import backoff_delay
 from relay.services import relay_publish_batch
 from tests.kafka_tools import read_topic, wait_for
-from tests.relay.helpers import ORDER, RETRIABLE, TOPIC, enqueue, make_due, relay_until
+from tests.relay.helpers import ORDER, PRODUCER_FAILED, RETRIABLE, TOPIC, enqueue, make_due, relay_until
 
 
 @pytest.mark.django_db
-def test_retriable_errors_back_off_then_exhaust_at_max_attempts(producer, settings):
+def test_retriable_errors_back_off_then_exhaust_at_max_attempts_once_failing_for_long_enough(producer, settings):
     settings.OUTBOX_MAX_ATTEMPTS = 3
+    settings.OUTBOX_GIVE_UP_AFTER = 0  # attempts alone
     producer.failing["1", "OrderCreated"] = RETRIABLE
     event = enqueue("1", "OrderCreated")
     delays = []
@@ -32,6 +35,45 @@ def test_retriable_errors_back_off_then_exhaust_at_max_attempts(producer, settin
 
 
 @pytest.mark.django_db
+def test_retriable_failures_never_exhaust_an_event_before_it_has_failed_for_give_up_after(producer, settings):
+    """An outage is not the event's fault: past OUTBOX_MAX_ATTEMPTS it keeps retrying (backoff capped) until it
+    has been failing for OUTBOX_GIVE_UP_AFTER; then it is given up."""
+    settings.OUTBOX_MAX_ATTEMPTS, settings.OUTBOX_GIVE_UP_AFTER = 2, 3600
+    producer.failing["1", "OrderCreated"] = RETRIABLE
+    event = enqueue("1", "OrderCreated")
+    for expected_attempts in range(1, 8):
+        assert relay_publish_batch().retried == 1
+        event.refresh_from_db()
+        assert (event.status, event.attempts) == ("pending", expected_attempts)
+        make_due()
+    first_failure = event.failing_since
+    assert first_failure is not None
+    OutboxEvent.objects.filter(pk=event.pk).update(failing_since=timezone.now() - timedelta(seconds=3599))
+    assert relay_publish_batch().retried == 1  # not yet
+    make_due()
+    OutboxEvent.objects.filter(pk=event.pk).update(failing_since=timezone.now() - timedelta(seconds=3601))
+    assert relay_publish_batch().dead == 1
+    event.refresh_from_db()
+    assert event.status == "dead" and FailedEvent.objects.get().attempts == 9
+
+
+@pytest.mark.django_db
+def test_producer_failures_cost_no_attempt_and_keep_the_event_pending(producer, settings):
+    settings.OUTBOX_MAX_ATTEMPTS, settings.OUTBOX_GIVE_UP_AFTER = 1, 0
+    producer.failing["1", "OrderCreated"] = PRODUCER_FAILED
+    event = enqueue("1", "OrderCreated")
+    for _ in range(3):
+        assert relay_publish_batch().retried == 1
+        event.refresh_from_db()
+        assert (event.status, event.attempts, event.failing_since) == ("pending", 0, None)
+        make_due()
+    del producer.failing["1", "OrderCreated"]
+    assert relay_publish_batch().sent == 1
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == ("sent", 1)
+
+
+@pytest.mark.django_db
 def test_rows_in_backoff_are_not_claimed(producer):
     producer.failing["1", "OrderCreated"] = RETRIABLE
     enqueue("1", "OrderCreated")
@@ -41,7 +83,7 @@ def test_rows_in_backoff_are_not_claimed(producer):
 
 def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(settings):
     settings.OUTBOX_BACKOFF_BASE, settings.OUTBOX_BACKOFF_MAX = 1.0, 60.0
-    for attempts, full in [(1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (30, 60.0)]:
+    for attempts, full in [(1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (30, 60.0), (5000, 60.0)]:
         samples = [backoff_delay(attempts) for _ in range(200)]
         assert all(full / 2 <= s <= full for s in samples)
         assert max(samples) - min(samples) > 0  # jittered
@@ -81,7 +123,7 @@ def test_against_a_stopped_broker_an_event_is_dead_lettered_after_its_attempts(b
     """Real retriable failures (delivery timeouts against a stopped broker), not scripted ones, until
     OUTBOX_MAX_ATTEMPTS: then the event is dead and kept in the failed-events table (its DLQ copy pending, the
     broker being down)."""
-    settings.OUTBOX_MAX_ATTEMPTS = 2
+    settings.OUTBOX_MAX_ATTEMPTS, settings.OUTBOX_GIVE_UP_AFTER = 2, 0
     broker_outage.stop()
     event = enqueue("exhausted-1", "OrderCreated")
     assert relay_publish_batch().retried == 1
