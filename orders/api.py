@@ -1,3 +1,5 @@
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import ValidationError
@@ -11,13 +13,16 @@ from . import selectors, services
 from .openapi import (
     BAD_REQUEST, CONFLICT, IDEMPOTENCY_KEY, NOT_FOUND, ORDER_ID, UNAUTHORIZED, UNPROCESSABLE, OrderPageSerializer,
 )
+from .parsers import BodyTooLarge
 from .serializers import OrderCreateSerializer, OrderSerializer
 
 
 def exception_handler(exc, context):
-    """DRF's handler, plus the domain error mapped to its HTTP status."""
+    """DRF's handler, plus the domain error mapped to its HTTP status, and a body over the size limit to 413."""
     if isinstance(exc, services.OrderError):
         return Response({"detail": str(exc)}, status=exc.status)
+    if isinstance(exc, RequestDataTooBig):
+        exc = BodyTooLarge(f"request body larger than {settings.API_MAX_BODY_BYTES} bytes")
     return drf_exception_handler(exc, context)
 
 

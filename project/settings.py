@@ -132,9 +132,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # JSON with limits on size, nesting and number length (orders.parsers): hostile bodies are a 400 or 413.
+    "DEFAULT_PARSER_CLASSES": ["orders.parsers.LimitedJSONParser"],
     "EXCEPTION_HANDLER": "orders.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
+# The largest request body the API parses (bytes); a larger one is answered 413 unread.
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES  # Django's own check, where a body is read whole
 # An Idempotency-Key whose first request has not finished after this long is treated as abandoned
 # (its process died) and may be taken over by a retry.
 IDEMPOTENCY_KEY_STALE_AFTER = env_float("IDEMPOTENCY_KEY_STALE_AFTER", 30.0)

@@ -102,6 +102,33 @@ def test_malformed_or_non_object_json_is_400(api, raw):
     assert counts() == (0, 0, 0)
 
 
+HOSTILE_BODIES = {
+    "nested 5,000 deep": b'{"customer_id": "c-1", "items": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "nested 40 deep (over the limit of 32)": b'{"customer_id": "c-1", "items": ' + b"[" * 40 + b"]" * 40 + b"}",
+    "a 5,000-digit number": b'{"customer_id": "c-1", "items": [{"sku": "A", "quantity": ' + b"9" * 5000 + b', "unit_price": "1"}]}',
+    "invalid UTF-8": b'{"customer_id": "c-\xff\xfe", "items": []}',
+    "NaN": b'{"customer_id": "c-1", "items": [{"sku": "A", "quantity": NaN, "unit_price": "1"}]}',
+    "a lone surrogate escape": b'{"customer_id": "\\ud800", "items": []}',
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_BODIES)
+def test_hostile_bodies_are_400_with_a_json_body_naming_the_problem_and_write_nothing(api, name):
+    response = api.generic("POST", "/api/orders/", HOSTILE_BODIES[name], content_type="application/json")
+    assert response.status_code == 400, response.content[:300]
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["detail"] if "detail" in response.json() else response.json()
+    assert counts() == (0, 0, 0)
+
+
+def test_a_body_over_the_size_limit_is_413_unread(api, settings):
+    body = b'{"customer_id": "' + b"x" * (3 * 1024 * 1024) + b'", "items": []}'
+    response = api.generic("POST", "/api/orders/", body, content_type="application/json")
+    assert response.status_code == 413
+    assert str(settings.API_MAX_BODY_BYTES) in response.json()["detail"]
+    assert counts() == (0, 0, 0)
+
+
 def test_retrieve_and_list_by_customer_paginated(api):
     ids = [api.post("/api/orders/", {**ORDER, "customer_id": c}, format="json").json()["id"] for c in ["c-1", "c-2", "c-1"]]
 
