@@ -13,11 +13,20 @@ from outbox.selectors import failed_event_counts
 class DatabaseStateCollector:
     def collect(self):
         pending = OutboxEvent.objects.filter(status=OutboxEvent.Status.PENDING).aggregate(
-            count=Count("id"), oldest=Min("occurred_at")
+            count=Count("id"), oldest=Min("occurred_at"), retrying=Count("failing_since"),
+            failing_since=Min("failing_since"),
         )
+        now = timezone.now()
         yield GaugeMetricFamily("outbox_events_pending", "Outbox events not yet published", value=pending["count"])
-        age = (timezone.now() - pending["oldest"]).total_seconds() if pending["oldest"] else 0.0
+        age = (now - pending["oldest"]).total_seconds() if pending["oldest"] else 0.0
         yield GaugeMetricFamily("outbox_oldest_pending_age_seconds", "Age of the oldest pending event", value=age)
+        # An outage shows here: pending events whose publishes keep failing retriably, and for how long.
+        yield GaugeMetricFamily("outbox_events_retrying", "Pending events whose publishes have failed retriably",
+                                value=pending["retrying"])
+        failing = (now - pending["failing_since"]).total_seconds() if pending["failing_since"] else 0.0
+        yield GaugeMetricFamily("outbox_longest_failing_seconds",
+                                "How long the pending event failing longest has been failing (OUTBOX_GIVE_UP_AFTER "
+                                "gives it up)", value=failing)
         failed = GaugeMetricFamily("outbox_failed_events", "Failed events by status", labels=["status"])
         counts = failed_event_counts()
         for status in FailedEvent.Status.values:

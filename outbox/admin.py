@@ -51,7 +51,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(OutboxEvent)
 class OutboxEventAdmin(ReadOnlyAdmin):
-    list_display = ["id", "event_type", "aggregate_link", "status", "attempts", "available_at",
+    list_display = ["id", "event_type", "aggregate_link", "status", "attempts", "available_at", "failing_since",
                     "created_age", "published_at", "kafka_position"]
     list_filter = ["status", "event_type", "aggregate_type"]
     search_fields = ["=event_id", "=aggregate_id"]
