@@ -19,17 +19,22 @@ from relay import kafka as producing  # the product's producer: idempotent, rebu
 
 from . import kafka
 from .models import ConsumerDeadLetter
-from .services import InboundEvent, PoisonMessage, RawMessage, dead_letter_record, inbound_event_parse, inbound_events_apply
+from .services import (InboundEvent, PoisonMessage, RawMessage, dead_letter_find, dead_letter_record, inbound_event_parse,
+                       inbound_events_apply)
 from .tracing import consumer_span
 
 logger = logging.getLogger(__name__)
 
-# Losing the database is not the message's fault: wait for it, never dead-letter because of it. Only
-# connection-level errors count: any other server error is the message's, and ends in the DLQ.
-CONNECTION_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+# A database that is away or busy is not the message's fault: wait for it, never dead-letter because of it.
+# Connection lost or refused, the server read-only during a failover (1290, 1836), too many connections (1040),
+# a lock wait timeout or deadlock that outlived the batch's reruns (1205, 1213). Any other error is the
+# message's: it is retried, then dead-lettered.
+TRANSIENT_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031, 1290, 1836, 1040, 1205, 1213}
 # A batch that lost a lock conflict (another consumer of the group, during a rebalance) runs again as a whole.
 LOCK_RETRIES = 3
 LAG_REPORT_INTERVAL = 5.0
+# While the writer holds a long batch, how often this thread polls (paused) to stay in the group.
+POLL_WHILE_WRITING = 0.5
 # Batches handed to the writer thread and not yet committed to Kafka: the one it applies, and the next one, parsed
 # meanwhile. More would only hold more messages uncommitted.
 IN_FLIGHT = 2
@@ -45,21 +50,43 @@ def tune_process_for_consuming() -> None:
     collect_garbage_for_batches()  # each batch allocates thousands of containers, and frees them by refcount
 
 
+def _wait(future: Future, timeout: float) -> bool:
+    try:
+        future.exception(timeout=timeout)
+        return True
+    except TimeoutError:
+        return False
+
+
 class _WriterStopped(Exception):
     """An earlier batch failed: later ones are not applied, so a partition's events never apply out of order."""
 
 
 def database_unavailable(exc: BaseException) -> bool:
+    """A transient database error (TRANSIENT_ERROR_CODES, or the driver's InterfaceError: no connection)."""
     if isinstance(exc, InterfaceError):
         return True
-    return isinstance(exc, OperationalError) and bool(exc.args) and exc.args[0] in CONNECTION_ERROR_CODES
+    return isinstance(exc, DatabaseError) and bool(exc.args) and exc.args[0] in TRANSIENT_ERROR_CODES
 
 
 def _raw(message: kafka.Message) -> RawMessage:
-    return RawMessage(
-        topic=message.topic(), partition=message.partition(), offset=message.offset(),
-        key=message.key(), value=message.value(), headers=message.headers() or [],
-    )
+    """The message as bytes. Headers the client cannot hand over (a name that is not UTF-8) are left out; the
+    message is then poison (_parse)."""
+    try:
+        headers = message.headers() or []
+    except Exception:
+        headers = None
+    raw = RawMessage(topic=message.topic(), partition=message.partition(), offset=message.offset(),
+                     key=message.key(), value=message.value(), headers=headers or [])
+    if headers is None:
+        raise _Unreadable(raw, "headers the client cannot read (a header name that is not UTF-8)")
+    return raw
+
+
+class _Unreadable(Exception):
+    def __init__(self, raw: RawMessage, reason: str):
+        super().__init__(reason)
+        self.raw = raw
 
 
 class EventConsumer:
@@ -115,6 +142,8 @@ class EventConsumer:
                 idle_since = time.monotonic()
                 if max_messages is not None and handled >= max_messages:
                     break
+            for future, _ in list(self._in_flight):
+                self._wait_serving_the_group(future)
             self._commit_applied(wait=True)
         finally:
             self.stopping = True  # a writer waiting for the database gives up: its batch is not committed
@@ -130,12 +159,34 @@ class EventConsumer:
 
     def _submit(self, messages: list[kafka.Message]) -> None:
         """Hand a batch to the writer, parsed here; wait while IN_FLIGHT batches are not yet applied."""
-        parsed = [self._parse(_raw(message)) for message in messages]
+        parsed = [self._parse(message) for message in messages]
         future = self._writer.submit(self._write, messages, parsed)
         self._in_flight.append((future, self._next_offsets(messages)))
         while len(self._in_flight) >= IN_FLIGHT:
-            self._in_flight[0][0].exception()  # wait for the oldest
+            self._wait_serving_the_group(self._in_flight[0][0])  # the oldest
             self._commit_applied(wait=False)
+
+    def _wait_serving_the_group(self, future: Future) -> None:
+        """Wait for a batch the writer holds while staying in the group: however long its handlers, retries and
+        DLQ publishes take, this thread keeps calling poll() (max.poll.interval.ms), with the partitions paused
+        so that nothing new is taken meanwhile (librdkafka fetches them again from the position on resume)."""
+        if future.done():
+            return
+        paused = self._consumer.assignment()
+        self._consumer.pause(paused)
+        try:
+            while not _wait(future, POLL_WHILE_WRITING):
+                message = self._consumer.poll(0)
+                self._heartbeat.polled()
+                if message is not None and message.error() is None:
+                    # From a partition assigned meanwhile (not paused): read it again after the wait.
+                    self._consumer.seek(kafka.TopicPartition(message.topic(), message.partition(), message.offset()))
+        finally:
+            try:
+                self._consumer.resume(self._consumer.assignment())
+            except kafka.KafkaException as exc:  # the assignment moved on: nothing of ours to resume
+                logger.info("resume after the writer's batch: %s", exc)
+        future.exception()
 
     def _commit_applied(self, *, wait: bool) -> None:
         """Commit the offsets of the batches the writer has applied, oldest first; with wait, of every batch
@@ -167,12 +218,15 @@ class EventConsumer:
             messages = [m for m in messages if m.error() or (m.topic(), m.partition()) in owned]
         batch = []
         for message in messages:
-            if message.error():
-                if message.error().fatal():
-                    raise kafka.KafkaException(message.error())
-                logger.warning("consumer: %s", message.error())
-            else:
+            error = message.error()
+            if error is None:
                 batch.append(message)
+            elif error.fatal():
+                raise kafka.KafkaException(error)
+            elif message.topic() and (message.offset() if message.offset() is not None else -1) >= 0 and error.code() != kafka.KafkaError._PARTITION_EOF:
+                batch.append(message)  # a record the client could not read (a corrupt batch): poison, dead-lettered
+            else:
+                logger.warning("consumer: %s", error)
         return batch
 
     @staticmethod
@@ -184,11 +238,20 @@ class EventConsumer:
         return [kafka.TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
     @staticmethod
-    def _parse(raw: RawMessage) -> tuple[InboundEvent | PoisonMessage, RawMessage]:
+    def _parse(message: kafka.Message) -> tuple[InboundEvent | PoisonMessage, RawMessage]:
+        """Whatever reading a message raises makes it poison: no message can stop the consumer."""
+        try:
+            raw = _raw(message)
+        except _Unreadable as exc:
+            return PoisonMessage(str(exc)), exc.raw
+        if message.error() is not None:
+            return PoisonMessage(f"the Kafka client reported the record as an error: {message.error()}"), raw
         try:
             return inbound_event_parse(raw), raw
         except PoisonMessage as exc:
             return exc, raw
+        except Exception as exc:
+            return PoisonMessage(f"unreadable: {exc!r}"[:1000]), raw
 
     def _write(self, messages: list[kafka.Message], parsed: list) -> None:
         """The writer thread's part: apply one batch (and dead-letter its poison messages)."""
@@ -240,6 +303,9 @@ class EventConsumer:
                 logger.info("batch rolled back (%s), running it again", exc.args[1])
 
     def _apply_alone(self, event: InboundEvent, raw: RawMessage) -> None:
+        known = self._until_database_answers(lambda: dead_letter_find(group_id=self.group_id, raw=raw))
+        if known is not None:  # dead-lettered before, and redelivered: its retries are not run again
+            return self._dead_letter(raw, known.error, known.attempts)
         attempts = 0
         while True:
             attempts += 1

@@ -28,6 +28,9 @@ class ConsumerDeadLetter(models.Model):
     topic = models.CharField(max_length=255)
     partition = models.IntegerField()
     offset = models.BigIntegerField()
+    # SHA-256 of the message's key, value and headers: with the offset, its identity, which survives a topic
+    # deleted and created again (offsets restart at 0; a new message there is a new dead letter).
+    fingerprint = models.CharField(max_length=64, blank=True, default="")
     key = models.TextField(blank=True, default="")
     value = models.TextField(blank=True, default="")
     headers = models.JSONField(default=dict)
@@ -45,7 +48,8 @@ class ConsumerDeadLetter(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["group_id", "topic", "partition", "offset"], name="inbox_dead_letter_once")
+            models.UniqueConstraint(fields=["group_id", "topic", "partition", "offset", "fingerprint"],
+                                    name="inbox_dead_letter_message_once")
         ]
         permissions = [("replay_consumerdeadletter", "Can replay consumer dead letters")]
 

@@ -1,5 +1,6 @@
 """Apply each event once per consumer group: the dedupe record and the handler's writes commit together."""
 
+import hashlib
 import json
 import logging
 import re
@@ -79,6 +80,8 @@ def _canonical_id(event_id: str) -> str:
 def inbound_event_parse(raw: RawMessage) -> InboundEvent:
     # The relay's and the CDC connector's own headers, else CloudEvents' (a producer that sends only those). Of
     # a message's dozen headers these are the only ones the consumer reads: the others are decoded on demand.
+    if len(raw.headers) > MAX_HEADERS:
+        raise PoisonMessage(f"more than {MAX_HEADERS} headers ({len(raw.headers)})")
     event_id = event_type = ce_id = ce_type = None
     for name, value in raw.headers:
         if name == "id":
@@ -113,16 +116,33 @@ def _header_text(value: bytes | None) -> str:
 _LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
+# Limits on what a message may carry (README "The consumer"): beyond them it is poison, dead-lettered unread.
+MAX_VALUE_BYTES = 512 * 1024
+MAX_HEADERS = 64
+MAX_NUMBER_DIGITS = 100  # the standard library's reading; orjson reads numbers into 64-bit values anyway
+
+
+def _number(text: str, convert):
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number has more than {MAX_NUMBER_DIGITS} digits")
+    return convert(text)
+
+
 def _json_object(value: bytes | None) -> dict:
     value = value or b""
+    if len(value) > MAX_VALUE_BYTES:
+        raise PoisonMessage(f"value larger than {MAX_VALUE_BYTES} bytes ({len(value)})")
     try:
-        # What orjson refuses (NaN, Infinity) or may not keep, the standard library decides: a payload means
-        # the same whichever parser read it.
+        # What orjson refuses (NaN, Infinity, nesting beyond 1,024 levels) or may not keep, the standard library
+        # decides: a payload means the same whichever parser read it.
         payload = _orjson_or_none(value)
         if payload is None:  # (or the document was null: the standard library says so too)
-            payload = json.loads(value.decode())  # JSON between systems is UTF-8 (RFC 8259)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            payload = json.loads(value.decode(), parse_int=lambda t: _number(t, int),
+                                 parse_float=lambda t: _number(t, float))  # JSON between systems is UTF-8
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise PoisonMessage(f"value is not JSON: {exc}") from exc
+    except RecursionError:
+        raise PoisonMessage("value is not JSON this consumer reads: nested too deeply") from None
     if not isinstance(payload, dict):
         raise PoisonMessage("value is not a JSON object")
     return payload
@@ -241,9 +261,24 @@ def _run_handlers(events: list[InboundEvent]) -> None:
         run_handler.function(run)
 
 
+def message_fingerprint(raw: RawMessage) -> str:
+    """What tells two messages at the same offset apart (a topic deleted and created again starts at 0 again)."""
+    digest = hashlib.sha256()
+    for part in (raw.key or b"", raw.value or b"", *(f"{n}\0".encode() + (v or b"") for n, v in raw.headers)):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def dead_letter_find(*, group_id: str, raw: RawMessage) -> ConsumerDeadLetter | None:
+    return ConsumerDeadLetter.objects.filter(group_id=group_id, topic=raw.topic, partition=raw.partition,
+                                             offset=raw.offset, fingerprint=message_fingerprint(raw)).first()
+
+
 def dead_letter_record(*, group_id: str, raw: RawMessage, error: str, attempts: int, dlq_topic: str) -> ConsumerDeadLetter:
     record, _ = ConsumerDeadLetter.objects.get_or_create(
         group_id=group_id, topic=raw.topic, partition=raw.partition, offset=raw.offset,
+        fingerprint=message_fingerprint(raw),
         defaults={
             "key": (raw.key or b"").decode("utf-8", errors="replace"),
             "value": (raw.value or b"").decode("utf-8", errors="replace"),

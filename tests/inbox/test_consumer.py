@@ -374,19 +374,23 @@ def test_a_server_error_caused_by_the_message_is_dead_lettered_not_retried_forev
     assert "Incorrect decimal value" in ConsumerDeadLetter.objects.get().error
 
 
-def test_only_connection_errors_count_as_the_database_being_down():
+def test_only_transient_errors_count_as_the_database_being_down():
     from django.db import InterfaceError, OperationalError
 
     from inbox.consumer import database_unavailable
 
     assert database_unavailable(OperationalError(2006, "MySQL server has gone away"))
     assert database_unavailable(OperationalError(2013, "Lost connection to server during query"))
+    assert database_unavailable(OperationalError(1290, "The MariaDB server is running with the --read-only option"))
+    assert database_unavailable(OperationalError(1836, "Running in read-only mode"))
+    assert database_unavailable(OperationalError(1040, "Too many connections"))
+    assert database_unavailable(OperationalError(1205, "Lock wait timeout exceeded"))
     assert database_unavailable(InterfaceError(0, ""))
     assert not database_unavailable(OperationalError(1366, "Incorrect decimal value"))
     assert not database_unavailable(ValueError("not a database error"))
 
 
-def test_a_stuck_consumer_shows_in_its_lag_and_heartbeat_gauges(broker, topic, dlq, tmp_path):
+def test_a_stuck_handler_shows_in_the_lag_and_the_seconds_since_applied_while_the_consumer_keeps_polling(broker, topic, dlq, tmp_path):
     from ops import metrics
 
     entered, release = tmp_path / "entered", tmp_path / "release"
@@ -406,8 +410,11 @@ def test_a_stuck_consumer_shows_in_its_lag_and_heartbeat_gauges(broker, topic, d
         wait_for(entered.exists, timeout=30, message="the consumer to hold the first event")
         # Nothing committed while the handler is stuck: the lag is the whole partition, asked of the broker.
         wait_for(lambda: gauge(metrics.INBOX_LAG, topic, "0") == 5, timeout=20, interval=0.2, message="lag 5")
-        wait_for(lambda: gauge(metrics.INBOX_SINCE_POLL) >= 3 and gauge(metrics.INBOX_SINCE_APPLIED) >= 3,
-                 timeout=20, interval=0.2, message="seconds since the last poll and apply to grow")
+        # The handler is stuck, not the consumer: it keeps polling (partitions paused) and stays in its group,
+        # while the seconds since it last applied a batch grow (the ConsumerStalled alert's second condition).
+        wait_for(lambda: gauge(metrics.INBOX_SINCE_APPLIED) >= 3, timeout=20, interval=0.2,
+                 message="seconds since the last apply to grow")
+        assert gauge(metrics.INBOX_SINCE_POLL) < 3
     finally:
         release.touch()
         runner.join(60)
@@ -441,3 +448,128 @@ def test_a_value_no_parser_takes_as_an_object_is_poison(value):
 
     with pytest.raises(PoisonMessage):
         inbound_event_parse(RawMessage("t", 0, 0, b"1", value, [(k, v.encode()) for k, v in event_headers().items()]))
+
+
+HOSTILE_VALUES = {
+    "nested 5,000 deep": b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "a 5,000-digit number": b'{"order_id": "1", "customer_id": "c-1", "total": ' + b"9" * 5000 + b', "items": []}',
+    "invalid UTF-8": b'{"order_id": "1", "customer_id": "c-\xff", "total": "1.00", "items": []}',
+    "empty": b"",
+    "1 MB": b'{"pad": "' + b"x" * (1024 * 1024) + b'"}',
+    "a JSON array": b"[1, 2, 3]",
+    "fields of the wrong types": b'{"order_id": ["1"], "customer_id": {"x": 1}, "total": "ten", "items": 5}',
+}
+
+
+def test_hostile_messages_between_good_ones_are_dead_lettered_and_the_partition_moves_on(broker, topic, dlq):
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True,
+                         "message.max.bytes": 2_000_000})
+    good = []
+    for name, value in HOSTILE_VALUES.items():
+        good.append(str(uuid.uuid4()))
+        producer.produce(topic, key="1", value=json.dumps(created(total="1.00")).encode(),
+                         headers=[(k, v.encode()) for k, v in event_headers(event_id=good[-1]).items()])
+        producer.produce(topic, key="1", value=value,
+                         headers=[(k, v.encode()) for k, v in event_headers().items()] + [("case", name.encode())])
+    assert producer.flush(20) == 0
+
+    consumer = consume(topic, dlq, expect=2 * len(HOSTILE_VALUES))
+
+    assert consumer.stats["applied"] == len(good)
+    assert set(ProcessedEvent.objects.values_list("event_id", flat=True)) == set(good)
+    dead = ConsumerDeadLetter.objects.all()
+    assert {d.headers.get("case") for d in dead} >= set(HOSTILE_VALUES)
+    assert consumer.stats["dead_lettered"] == len(HOSTILE_VALUES) == dead.count()
+    assert all(d.error for d in dead)
+
+
+class _MessageWithUnreadableHeaders:
+    """A header name that is not UTF-8 (confluent-kafka cannot produce one, other clients can): the client's
+    headers() raises when it decodes the name."""
+
+    def topic(self): return "t"
+    def partition(self): return 0
+    def offset(self): return 3
+    def key(self): return b"1"
+    def value(self): return b"{}"
+    def error(self): return None
+    def headers(self): raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+def test_a_message_whose_headers_cannot_be_read_is_poison_not_a_crash():
+    from inbox.services import PoisonMessage
+
+    parsed, raw = EventConsumer._parse(_MessageWithUnreadableHeaders())
+    assert isinstance(parsed, PoisonMessage) and "header" in str(parsed)
+    assert (raw.offset, raw.value, raw.headers) == (3, b"{}", [])
+
+
+def test_a_dead_letter_at_an_offset_that_had_one_before_is_a_new_dead_letter():
+    """A topic deleted and created again starts its offsets at 0 again: the identity of a dead letter is its
+    offset and its bytes."""
+    from inbox.services import RawMessage, dead_letter_find, dead_letter_record
+
+    first = RawMessage("t", 0, 7, b"1", b"[1]", [("id", b"a")])
+    later = RawMessage("t", 0, 7, b"1", b"[2]", [("id", b"b")])
+    one = dead_letter_record(group_id="g", raw=first, error="poison", attempts=1, dlq_topic="d")
+    again = dead_letter_record(group_id="g", raw=first, error="poison", attempts=1, dlq_topic="d")
+    other = dead_letter_record(group_id="g", raw=later, error="poison", attempts=1, dlq_topic="d")
+
+    assert one.pk == again.pk != other.pk
+    assert (other.value, other.event_id) == ("[2]", "b")
+    assert dead_letter_find(group_id="g", raw=later).pk == other.pk
+
+
+def test_a_redelivered_dead_letter_is_not_retried_again(broker, topic, dlq):
+    produce(broker.bootstrap, topic, value=created(), headers=event_headers("TestBroken"))
+    first = consume(topic, dlq, expect=1, max_attempts=2)
+    assert first.stats["dead_lettered"] == 1
+    record = ConsumerDeadLetter.objects.get()
+
+    # Read again (its offset was never committed, say), here by a consumer of a new group that inherits the
+    # record: the batch fails once, and the message goes straight to its known dead letter, no retries.
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    ConsumerDeadLetter.objects.filter(pk=record.pk).update(group_id=group)
+    calls_before = test_handlers.calls.get("TestBroken", 0)
+    again = EventConsumer(group_id=group, topics=[topic], dlq_topic=dlq, max_attempts=5, backoff_base=0.01)
+    again.run(max_messages=1, idle_timeout=30)
+    assert again.stats["dead_lettered"] == 1
+    assert test_handlers.calls["TestBroken"] - calls_before == 1  # the batch's one try, no retries
+    assert ConsumerDeadLetter.objects.count() == 1
+
+
+def test_a_batch_longer_than_max_poll_interval_keeps_the_consumer_in_its_group(broker, topic, dlq, settings):
+    """300 handler-failing events: the writer's retries and dead letters take far longer than
+    max.poll.interval.ms (6 s here). The main thread keeps polling, partitions paused, so the group keeps the
+    consumer and its offsets commit: nothing is read and retried again."""
+    from inbox.kafka import build_offsets_reader
+
+    settings.KAFKA_CONSUMER_CONFIG = {"session.timeout.ms": 6000, "max.poll.interval.ms": 6000}
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "linger.ms": 50})
+    for _ in range(300):
+        producer.produce(topic, key="1", value=json.dumps(created()).encode(),
+                         headers=[(k, v.encode()) for k, v in event_headers("TestBroken").items()])
+    producer.produce(topic, key="1", value=json.dumps(created()).encode(),
+                     headers=[(k, v.encode()) for k, v in event_headers().items()])
+    assert producer.flush(20) == 0
+
+    consumer = EventConsumer(group_id=f"test-{uuid.uuid4().hex[:8]}", topics=[topic], dlq_topic=dlq,
+                             max_attempts=3, backoff_base=0.02, batch_size=100)  # the next batches wait
+    consumer.run(max_messages=301, idle_timeout=30)
+
+    assert (consumer.stats["dead_lettered"], consumer.stats["applied"]) == (300, 1)
+    assert ConsumerDeadLetter.objects.count() == 300
+    reader = build_offsets_reader(group_id=consumer.group_id)
+    try:
+        (committed,) = reader.committed([TopicPartition(topic, 0)], timeout=10)
+    finally:
+        reader.close()
+    assert committed.offset == 301  # every offset committed by the member the group kept
+
+
+def test_a_database_read_only_for_a_while_is_waited_out_not_dead_lettered(broker, topic, dlq):
+    test_handlers.calls.pop("TestReadOnlyTwice", None)
+    produce(broker.bootstrap, topic, value=created(total="3.00"), headers=event_headers("TestReadOnlyTwice"))
+    consumer = consume(topic, dlq, expect=1, max_attempts=1)
+    assert outcome(consumer) == {"applied": 1, "duplicates": 0, "dead_lettered": 0}
+    assert test_handlers.calls["TestReadOnlyTwice"] == 3

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from inbox.models import ConsumerDeadLetter, ProcessedEvent
 from stats.models import CustomerStats
-from tests.kafka_tools import wait_for
+from tests.kafka_tools import read_topic, wait_for
 from tests.processes import suite_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -322,3 +322,40 @@ def test_the_database_stopped_for_real_while_the_consumer_is_busy_is_waited_out(
     assert "database unavailable" in output
     assert stream.projection_matches()
     assert not ConsumerDeadLetter.objects.filter(group_id=group).exists()
+
+
+def test_two_consumers_with_hostile_messages_between_good_ones_apply_every_good_one_and_never_exit(broker, group):
+    """A group of two consume_events; hostile messages (from test_consumer.HOSTILE_VALUES: nesting 5,000 deep,
+    5,000-digit numbers, invalid UTF-8, empty, 1 MB, an array, wrong field types) between good ones. Every good
+    event applied once, every hostile one dead-lettered, both processes alive, every offset committed."""
+    from tests.inbox.test_consumer import HOSTILE_VALUES
+
+    topic = f"test-events-{uuid.uuid4().hex[:8]}"
+    broker.create_topics(topic, partitions=3)
+    stream = Stream(broker.bootstrap, topic)
+    stream.producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True,
+                                "linger.ms": 5, "message.max.bytes": 2_000_000})
+    processes = [consumer_process(broker, topic, group) for _ in range(2)]
+    hostile = 0
+    try:
+        for round_ in range(3):
+            for name, value in HOSTILE_VALUES.items():
+                stream.order(f"c-hostile-{round_ % 2}", "2.50")
+                order_id = f"hostile-{round_}-{hostile}"
+                hostile += 1
+                stream.producer.produce(topic, key=order_id, value=value, headers=[
+                    ("id", str(uuid.uuid4()).encode()), ("eventType", b"OrderCreated"), ("case", name.encode())])
+        stream.flush()
+        wait_for(lambda: applied(group) == stream.orders and
+                 ConsumerDeadLetter.objects.filter(group_id=group).count() == hostile,
+                 timeout=120, interval=0.5, message="every good event applied and every hostile one dead-lettered")
+        assert stream.projection_matches()
+        assert all(p.poll() is None for p in processes), "a consumer exited"
+        ends: dict[int, int] = {}  # the next offset of each partition (Tansu's watermark counts batches)
+        for record in read_topic(broker.bootstrap, topic):
+            ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+        wait_for(lambda: committed_offsets(broker, topic, group) == ends, timeout=30, interval=0.5,
+                 message="every offset committed (the lag back to 0)")
+    finally:
+        outputs = [finish(p) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs

@@ -62,3 +62,14 @@ def hold(payload: dict, headers: dict) -> None:
     while not Path(payload["release"]).exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     order_created(payload, headers)
+
+
+@handles("TestReadOnlyTwice")
+def read_only_twice(payload: dict, headers: dict) -> None:
+    """The database read-only during a failover (MariaDB's 1290), twice, then writable again: waited out."""
+    from django.db import OperationalError
+
+    calls["TestReadOnlyTwice"] = calls.get("TestReadOnlyTwice", 0) + 1
+    if calls["TestReadOnlyTwice"] <= 2:
+        raise OperationalError(1290, "The MariaDB server is running with the --read-only option")
+    order_created(payload, headers)
