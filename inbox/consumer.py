@@ -27,9 +27,12 @@ logger = logging.getLogger(__name__)
 
 # A database that is away or busy is not the message's fault: wait for it, never dead-letter because of it.
 # Connection lost or refused, the server read-only during a failover (1290, 1836), too many connections (1040),
-# a lock wait timeout or deadlock that outlived the batch's reruns (1205, 1213). Any other error is the
-# message's: it is retried, then dead-lettered.
-TRANSIENT_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031, 1290, 1836, 1040, 1205, 1213}
+# a lock wait timeout (1205: someone else holds the rows). Any other error is the message's: it is retried,
+# then dead-lettered (a deadlock, 1213, runs the batch again LOCK_RETRIES times first).
+TRANSIENT_ERROR_CODES = {1053, 1927, 2002, 2003, 2006, 2013, 2055, 4031, 1290, 1836, 1040, 1205}
+# Errors the client reports for one record it could not read (its offset is the record's): poison. Every other
+# error message (a fetch error, its offset the next position, not a record) is only logged.
+UNREADABLE_RECORD_CODES = frozenset({kafka.KafkaError._BAD_MSG, kafka.KafkaError._BAD_COMPRESSION})
 # A batch that lost a lock conflict (another consumer of the group, during a rebalance) runs again as a whole.
 LOCK_RETRIES = 3
 LAG_REPORT_INTERVAL = 5.0
@@ -170,17 +173,19 @@ class EventConsumer:
         """Wait for a batch the writer holds while staying in the group: however long its handlers, retries and
         DLQ publishes take, this thread keeps calling poll() (max.poll.interval.ms), with the partitions paused
         so that nothing new is taken meanwhile (librdkafka fetches them again from the position on resume)."""
-        if future.done():
-            return
-        paused = self._consumer.assignment()
-        self._consumer.pause(paused)
+        if _wait(future, POLL_WHILE_WRITING):
+            return  # the usual case: no pause (it would drop what has been fetched ahead)
         try:
+            self._consumer.pause(self._consumer.assignment())
             while not _wait(future, POLL_WHILE_WRITING):
                 message = self._consumer.poll(0)
                 self._heartbeat.polled()
-                if message is not None and message.error() is None:
+                if message is not None and message.topic() and (message.offset() or 0) >= 0:
                     # From a partition assigned meanwhile (not paused): read it again after the wait.
                     self._consumer.seek(kafka.TopicPartition(message.topic(), message.partition(), message.offset()))
+        except kafka.KafkaException as exc:  # a partition revoked under us: the rebalance reads it again
+            logger.info("while the writer held a batch: %s", exc)
+            future.exception()
         finally:
             try:
                 self._consumer.resume(self._consumer.assignment())
@@ -215,7 +220,7 @@ class EventConsumer:
             # longer owns belongs to the new owner, which reads it again from the committed offset. (Messages of
             # a partition assigned again are kept: a redelivery of them is skipped as duplicates.)
             owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-            messages = [m for m in messages if m.error() or (m.topic(), m.partition()) in owned]
+            messages = [m for m in messages if (m.topic(), m.partition()) in owned or (m.error() and m.error().fatal())]
         batch = []
         for message in messages:
             error = message.error()
@@ -223,7 +228,7 @@ class EventConsumer:
                 batch.append(message)
             elif error.fatal():
                 raise kafka.KafkaException(error)
-            elif message.topic() and (message.offset() if message.offset() is not None else -1) >= 0 and error.code() != kafka.KafkaError._PARTITION_EOF:
+            elif error.code() in UNREADABLE_RECORD_CODES and message.topic() and (message.offset() or 0) >= 0:
                 batch.append(message)  # a record the client could not read (a corrupt batch): poison, dead-lettered
             else:
                 logger.warning("consumer: %s", error)

@@ -4,6 +4,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from functools import partial
 from typing import NamedTuple
 
@@ -125,14 +126,19 @@ class ProducerClient:
     def __init__(self, config: dict):
         self.fatal_error: KafkaError | None = None
         self.pid = os.getpid()
-        self.kafka = Producer({**config, "error_cb": self._on_error})
+        # The callback holds the client weakly: no reference cycle, so a discarded producer is destroyed (its
+        # threads and sockets released, what it still queues dropped) as soon as the last lane lets go of it.
+        self.kafka = Producer({**config, "error_cb": partial(_on_error, weakref.ref(self))})
 
-    def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
-            self.fatal_error = error
-            logger.error("fatal Kafka producer error: %s", error)
-        else:
-            logger.info("Kafka producer: %s", error)
+
+def _on_error(client_ref, error: KafkaError) -> None:
+    if error.fatal():
+        client = client_ref()
+        if client is not None:
+            client.fatal_error = error
+        logger.error("fatal Kafka producer error: %s", error)
+    else:
+        logger.info("Kafka producer: %s", error)
 
 
 class ProducerHolder:
@@ -147,9 +153,19 @@ class ProducerHolder:
         self._config = config
         self._lock = threading.Lock()
         self._client: ProducerClient | None = None
-        # Whether this process's last publish had a failure that was not a refusal (the broker is away or
-        # misbehaving): the relay then publishes one event per order at a time (relay.ordering).
-        self.troubled = False
+        # Until when this process's publishes count as troubled (a failure that was not a refusal, within the last
+        # TROUBLED_FOR seconds): the relay then publishes one event per order at a time (relay.ordering).
+        self.troubled_until = 0.0
+        # Fatal errors since the last acknowledged publish: the rows wait longer before each new producer.
+        self.fatal_streak = 0
+
+    @property
+    def troubled(self) -> bool:
+        return time.monotonic() < self.troubled_until
+
+    @troubled.setter
+    def troubled(self, value: bool) -> None:
+        self.troubled_until = time.monotonic() + TROUBLED_FOR if value else 0.0
 
     @property
     def _producer(self) -> Producer | None:  # the current client's producer, if one is built (tests read it)
@@ -182,6 +198,7 @@ class ProducerHolder:
                 self.discard(f"flush failed: {exc}", client)
 
 
+TROUBLED_FOR = 60.0
 producer = ProducerHolder()
 
 
@@ -238,12 +255,16 @@ def publish(messages: list[Message], *, timeout: float, holder: ProducerHolder =
     if reason is not None:
         if holder.discard(f"fatal error {reason}", client):
             PRODUCER_FATAL_ERRORS.inc()
+            holder.fatal_streak += 1
         holder.troubled = True
         failed = Delivery(error=f"the producer failed and is rebuilt: {reason}", costs_attempt=False)
         return [r if r is not None and (r.ok or not r.retriable) else failed for r in reports]
 
     deliveries = [report or TIMED_OUT for report in reports]
-    holder.troubled = any(not d.ok and d.retriable for d in deliveries)
+    if any(not d.ok and d.retriable for d in deliveries):
+        holder.troubled = True
+    if any(d.ok for d in deliveries):
+        holder.fatal_streak = 0
     if all(d.error is not None and d.retriable for d in deliveries) and any(
         d is TIMED_OUT or "TIMED_OUT" in (d.error or "") for d in deliveries
     ):

@@ -57,7 +57,7 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
             return result
         ready, held = split_by_aggregate_order(
             rows, other_lanes=other_lanes, now=now,
-            one_per_aggregate=kafka.producer.troubled or any(row.attempts for row in rows),
+            one_per_aggregate=kafka.producer.troubled or any(row.failing_since for row in rows),
         )
         spans = producer_spans(ready) if tracing.enabled() else None
         messages = ([row.message(message_trace_headers(span)) for row, span in zip(ready, spans)]

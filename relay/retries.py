@@ -50,9 +50,11 @@ def schedule_retries(failed: list[tuple[Claimed, kafka.Delivery]], *, now: datet
         )
         logger.info("publish failed, retrying in %.1fs: %s", delay, delivery.error, extra=row.log_context(attempts))
     if free:
-        delay = backoff_delay(1)
+        # Longer while producers keep failing fatally one after the other (a cluster that keeps fencing them).
+        delay = backoff_delay(max(1, kafka.producer.fatal_streak))
         OutboxEvent.objects.filter(id__in=[row.id for row, _ in free]).update(
             available_at=now + timedelta(seconds=delay), last_error=free[0][1].error,
+            failing_since=Coalesce(F("failing_since"), now),  # shows in the outage gauges; charges nothing
         )
         logger.warning("%d event(s) not published because the producer failed; again in %.1fs (no attempt "
                        "counted): %s", len(free), delay, free[0][1].error)

@@ -65,7 +65,7 @@ def test_producer_failures_cost_no_attempt_and_keep_the_event_pending(producer, 
     for _ in range(3):
         assert relay_publish_batch().retried == 1
         event.refresh_from_db()
-        assert (event.status, event.attempts, event.failing_since) == ("pending", 0, None)
+        assert (event.status, event.attempts) == ("pending", 0) and event.failing_since is not None
         make_due()
     del producer.failing["1", "OrderCreated"]
     assert relay_publish_batch().sent == 1
