@@ -374,6 +374,23 @@ def test_a_server_error_caused_by_the_message_is_dead_lettered_not_retried_forev
     assert "Incorrect decimal value" in ConsumerDeadLetter.objects.get().error
 
 
+def test_fifty_poison_messages_with_the_dlq_topic_unwritable_all_kept_and_the_partition_moves_on(broker, topic):
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "linger.ms": 20})
+    for n in range(50):
+        producer.produce(topic, key=str(n), value=b"{not json",
+                         headers=[(k, v.encode()) for k, v in event_headers().items()])
+    producer.produce(topic, key="1", value=json.dumps(created()).encode(),
+                     headers=[(k, v.encode()) for k, v in event_headers().items()])
+    assert producer.flush(10) == 0
+
+    consumer = consume(topic, "no such topic: spaces are not allowed", expect=51)
+
+    assert outcome(consumer) == {"applied": 1, "duplicates": 0, "dead_lettered": 50}
+    dead = ConsumerDeadLetter.objects.filter(topic=topic)
+    assert dead.count() == 50 and not dead.filter(dlq_published=True).exists()
+    assert sorted(dead.values_list("offset", flat=True)) == list(range(50))
+
+
 def test_only_transient_errors_count_as_the_database_being_down():
     from django.db import InterfaceError, OperationalError
 
@@ -573,3 +590,26 @@ def test_a_database_read_only_for_a_while_is_waited_out_not_dead_lettered(broker
     consumer = consume(topic, dlq, expect=1, max_attempts=1)
     assert outcome(consumer) == {"applied": 1, "duplicates": 0, "dead_lettered": 0}
     assert test_handlers.calls["TestReadOnlyTwice"] == 3
+
+
+def test_the_topic_recreated_after_a_dead_letter_a_new_message_at_the_same_offset_is_a_new_dead_letter(broker_outage):
+    """The broker comes back empty and the topic is created again: offsets restart at 0. A new poison message
+    at the offset of an old dead letter is stored with its own contents and written to the DLQ topic."""
+    topic, dlq, group = (f"test-{kind}-{uuid.uuid4().hex[:8]}" for kind in ("events", "dlq", "group"))
+    broker_outage.create_topics(topic, dlq, partitions=1)
+    produce(broker_outage.bootstrap, topic, value=b"[1]", headers=event_headers())
+    first = EventConsumer(group_id=group, topics=[topic], dlq_topic=dlq, max_attempts=1, backoff_base=0.01)
+    first.run(max_messages=1, idle_timeout=30)
+
+    broker_outage.stop()
+    broker_outage.start()
+    broker_outage.create_topics(topic, dlq, partitions=1)
+    produce(broker_outage.bootstrap, topic, value=b"[2]", headers=event_headers())
+    second = EventConsumer(group_id=group, topics=[topic], dlq_topic=dlq, max_attempts=1, backoff_base=0.01)
+    second.run(max_messages=1, idle_timeout=30)
+
+    old, new = ConsumerDeadLetter.objects.filter(group_id=group).order_by("id")
+    assert (old.offset, new.offset) == (0, 0) and (old.value, new.value) == ("[1]", "[2]")
+    assert new.dlq_published
+    (copy,) = read_topic(broker_outage.bootstrap, dlq, until=lambda rs: len(rs) >= 1)
+    assert copy.value == b"[2]"
