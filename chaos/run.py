@@ -613,8 +613,8 @@ def parse_args(argv=None):
                         help="against librdkafka's mock cluster of three brokers instead of the dev broker: leaders "
                              "moved all run long; faults produce-errors, broker-down, fatal, consumer-errors, outage "
                              "(and worker, consumer, database); the relay's default settings")
-    parser.add_argument("--outage", type=float, help="--cluster: seconds every broker stays down in the outage "
-                                                     "fault (default 180)")
+    parser.add_argument("--outage", type=float, default=180.0,
+                        help="--cluster: seconds every broker stays down in the outage fault (default 180)")
     parser.add_argument("--leader-moves", type=float, default=3.0,
                         help="--cluster: seconds between leader moves (0: none)")
     parser.add_argument("--baseline", choices=sorted(BASELINES),
@@ -630,8 +630,6 @@ def parse_args(argv=None):
         parser.error(f"unknown fault kind(s){' with --cluster' if args.cluster else ''}: {', '.join(sorted(unknown))}")
     if args.cluster and (args.baseline or args.compare):
         parser.error("--cluster runs the outbox only")
-    if args.outage is None:
-        args.outage = 180.0
     if (args.baseline or args.compare) and "worker" in (args.faults or []):
         parser.error("the baseline has no Celery worker to kill: use the web fault")
     if args.broker_down is None:

@@ -72,24 +72,8 @@ def database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DatabaseError) and bool(exc.args) and exc.args[0] in TRANSIENT_ERROR_CODES
 
 
-def _raw(message: kafka.Message) -> RawMessage:
-    """The message as bytes. Headers the client cannot hand over (a name that is not UTF-8) are left out; the
-    message is then poison (_parse)."""
-    try:
-        headers = message.headers() or []
-    except Exception:
-        headers = None
-    raw = RawMessage(topic=message.topic(), partition=message.partition(), offset=message.offset(),
-                     key=message.key(), value=message.value(), headers=headers or [])
-    if headers is None:
-        raise _Unreadable(raw, "headers the client cannot read (a header name that is not UTF-8)")
-    return raw
-
-
-class _Unreadable(Exception):
-    def __init__(self, raw: RawMessage, reason: str):
-        super().__init__(reason)
-        self.raw = raw
+def _has_record_position(message: kafka.Message) -> bool:
+    return bool(message.topic()) and (message.offset() or 0) >= 0
 
 
 class EventConsumer:
@@ -180,12 +164,11 @@ class EventConsumer:
             while not _wait(future, POLL_WHILE_WRITING):
                 message = self._consumer.poll(0)
                 self._heartbeat.polled()
-                if message is not None and message.topic() and (message.offset() or 0) >= 0:
+                if message is not None and _has_record_position(message):
                     # From a partition assigned meanwhile (not paused): read it again after the wait.
                     self._consumer.seek(kafka.TopicPartition(message.topic(), message.partition(), message.offset()))
         except kafka.KafkaException as exc:  # a partition revoked under us: the rebalance reads it again
             logger.info("while the writer held a batch: %s", exc)
-            future.exception()
         finally:
             try:
                 self._consumer.resume(self._consumer.assignment())
@@ -228,7 +211,7 @@ class EventConsumer:
                 batch.append(message)
             elif error.fatal():
                 raise kafka.KafkaException(error)
-            elif error.code() in UNREADABLE_RECORD_CODES and message.topic() and (message.offset() or 0) >= 0:
+            elif error.code() in UNREADABLE_RECORD_CODES and _has_record_position(message):
                 batch.append(message)  # a record the client could not read (a corrupt batch): poison, dead-lettered
             else:
                 logger.warning("consumer: %s", error)
@@ -246,9 +229,13 @@ class EventConsumer:
     def _parse(message: kafka.Message) -> tuple[InboundEvent | PoisonMessage, RawMessage]:
         """Whatever reading a message raises makes it poison: no message can stop the consumer."""
         try:
-            raw = _raw(message)
-        except _Unreadable as exc:
-            return PoisonMessage(str(exc)), exc.raw
+            headers, unreadable = message.headers() or [], None
+        except Exception:  # a header name that is not UTF-8: the client cannot hand the headers over
+            headers, unreadable = [], "headers the client cannot read (a header name that is not UTF-8)"
+        raw = RawMessage(topic=message.topic(), partition=message.partition(), offset=message.offset(),
+                         key=message.key(), value=message.value(), headers=headers)
+        if unreadable:
+            return PoisonMessage(unreadable), raw
         if message.error() is not None:
             return PoisonMessage(f"the Kafka client reported the record as an error: {message.error()}"), raw
         try:

@@ -15,6 +15,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from ops.db import db_datetime, delete_in_batches, duplicate_key, sql_literals
+from ops.json_limits import bounded_number
 
 from .models import ConsumerDeadLetter, ProcessedEvent
 from .registry import handler_for
@@ -120,12 +121,7 @@ _LONG_DIGITS = re.compile(rb"[0-9]{19}")
 MAX_VALUE_BYTES = 512 * 1024
 MAX_HEADERS = 64
 MAX_NUMBER_DIGITS = 100  # the standard library's reading; orjson reads numbers into 64-bit values anyway
-
-
-def _number(text: str, convert):
-    if len(text) > MAX_NUMBER_DIGITS:
-        raise ValueError(f"a number has more than {MAX_NUMBER_DIGITS} digits")
-    return convert(text)
+_BOUNDED_INT, _BOUNDED_FLOAT = bounded_number(int, MAX_NUMBER_DIGITS), bounded_number(float, MAX_NUMBER_DIGITS)
 
 
 def _json_object(value: bytes | None) -> dict:
@@ -137,8 +133,8 @@ def _json_object(value: bytes | None) -> dict:
         # decides: a payload means the same whichever parser read it.
         payload = _orjson_or_none(value)
         if payload is None:  # (or the document was null: the standard library says so too)
-            payload = json.loads(value.decode(), parse_int=lambda t: _number(t, int),
-                                 parse_float=lambda t: _number(t, float))  # JSON between systems is UTF-8
+            payload = json.loads(value.decode(), parse_int=_BOUNDED_INT,
+                                 parse_float=_BOUNDED_FLOAT)  # JSON between systems is UTF-8 (RFC 8259)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise PoisonMessage(f"value is not JSON: {exc}") from exc
     except RecursionError:

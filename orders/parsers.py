@@ -11,6 +11,8 @@ from rest_framework import status
 from rest_framework.exceptions import APIException, ParseError
 from rest_framework.parsers import JSONParser
 
+from ops.json_limits import bounded_number
+
 MAX_DEPTH = 32
 MAX_NUMBER_DIGITS = 100
 
@@ -18,12 +20,6 @@ MAX_NUMBER_DIGITS = 100
 class BodyTooLarge(APIException):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_code = "body_too_large"
-
-
-def _number(text: str, convert):
-    if len(text) > MAX_NUMBER_DIGITS:
-        raise ParseError(f"JSON parse error - a number has more than {MAX_NUMBER_DIGITS} digits")
-    return convert(text)
 
 
 def _refuse_constant(name: str):
@@ -54,8 +50,8 @@ class LimitedJSONParser(JSONParser):
         except UnicodeDecodeError as exc:
             raise ParseError(f"JSON parse error - the body is not UTF-8: {exc.reason} at byte {exc.start}") from None
         try:
-            data = json.loads(text, parse_int=lambda s: _number(s, int),
-                              parse_float=lambda s: _number(s, float), parse_constant=_refuse_constant)
+            data = json.loads(text, parse_int=bounded_number(int, MAX_NUMBER_DIGITS),
+                              parse_float=bounded_number(float, MAX_NUMBER_DIGITS), parse_constant=_refuse_constant)
         except RecursionError:
             raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels") from None
         except ValueError as exc:

@@ -67,8 +67,9 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         _mark_sent(acked, now=timezone.now())
         result.sent, result.held = len(acked), len(held) + len(behind)
         now = timezone.now()
-        exhausted = [(r, d) for r, d in failed if given_up(r, d, now=now)]
-        to_retry = [(r, d) for r, d in failed if not given_up(r, d, now=now)]
+        exhausted, to_retry = [], []
+        for row, delivery in failed:
+            (exhausted if given_up(row, delivery, now=now) else to_retry).append((row, delivery))
         schedule_retries(to_retry, now=now)
         dead_letter(exhausted)
         result.retried, result.dead = len(to_retry), len(exhausted)
