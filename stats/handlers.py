@@ -47,7 +47,7 @@ def stats_upsert_sql(literal, changes: dict[str, list], *, now: str) -> str:
     """The one statement that applies per-customer changes (customer id -> [created, cancelled, total spent]).
 
     In key order, so that consumers of other partitions upserting the same customers lock them in one order.
-    Values written into the statement (see inbox.services): the customer id escaped by the driver, the counts
+    Values written into the statement (see inbox.apply): the customer id escaped by the driver, the counts
     as integers, the amount as a quoted plain decimal (never an exponent, never a float).
     """
     return _UPSERT.format(values=", ".join(

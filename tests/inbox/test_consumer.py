@@ -219,24 +219,24 @@ def test_a_batch_that_fails_for_good_stops_the_later_ones_and_commits_nothing(br
     partition's events would apply out of order after the restart."""
     from django.db import OperationalError
 
-    import inbox.consumer
+    import inbox.writer
 
     for n in range(2):
         produce(broker.bootstrap, topic, value=created(total=f"{n + 1}.00"), headers=event_headers())
     consumer = EventConsumer(group_id=f"test-{uuid.uuid4().hex[:8]}", topics=[topic], dlq_topic=dlq,
                              max_attempts=3, backoff_base=0.01, batch_size=1)
-    applied_for_real = inbox.consumer.inbound_events_apply
+    applied_for_real = inbox.writer.inbound_events_apply
 
     def database_lost_while_stopping(*, group_id, batch):
         (event, raw), = batch
         if raw.offset == 0:
             # The second batch has been taken and handed to the writer meanwhile.
-            wait_for(lambda: len(consumer._in_flight) == 2, timeout=30, message="the next batch handed over")
+            wait_for(lambda: len(consumer.handoff.in_flight) == 2, timeout=30, message="the next batch handed over")
             consumer.stopping = True
             raise OperationalError(2013, "Lost connection to server during query")
         return applied_for_real(group_id=group_id, batch=batch)
 
-    monkeypatch.setattr(inbox.consumer, "inbound_events_apply", database_lost_while_stopping)
+    monkeypatch.setattr(inbox.writer, "inbound_events_apply", database_lost_while_stopping)
     with pytest.raises(OperationalError):
         consumer.run(max_messages=2, idle_timeout=30)
 
@@ -391,22 +391,6 @@ def test_fifty_poison_messages_with_the_dlq_topic_unwritable_all_kept_and_the_pa
     assert sorted(dead.values_list("offset", flat=True)) == list(range(50))
 
 
-def test_only_transient_errors_count_as_the_database_being_down():
-    from django.db import InterfaceError, OperationalError
-
-    from inbox.consumer import database_unavailable
-
-    assert database_unavailable(OperationalError(2006, "MySQL server has gone away"))
-    assert database_unavailable(OperationalError(2013, "Lost connection to server during query"))
-    assert database_unavailable(OperationalError(1290, "The MariaDB server is running with the --read-only option"))
-    assert database_unavailable(OperationalError(1836, "Running in read-only mode"))
-    assert database_unavailable(OperationalError(1040, "Too many connections"))
-    assert database_unavailable(OperationalError(1205, "Lock wait timeout exceeded"))
-    assert database_unavailable(InterfaceError(0, ""))
-    assert not database_unavailable(OperationalError(1366, "Incorrect decimal value"))
-    assert not database_unavailable(ValueError("not a database error"))
-
-
 def test_a_stuck_handler_shows_in_the_lag_and_the_seconds_since_applied_while_the_consumer_keeps_polling(broker, topic, dlq, tmp_path):
     from ops import metrics
 
@@ -436,35 +420,6 @@ def test_a_stuck_handler_shows_in_the_lag_and_the_seconds_since_applied_while_th
         release.touch()
         runner.join(60)
     assert outcome(consumer) == {"applied": 5, "duplicates": 0, "dead_lettered": 0}
-
-
-@pytest.mark.parametrize(("value", "expected"), [
-    (b'{"customer_id": "c-1", "total": "1.00"}', {"customer_id": "c-1", "total": "1.00"}),
-    # What orjson refuses or reads otherwise (a float for an integer beyond 64 bits) and the standard library
-    # takes: the payload means the same whichever parser read it.
-    (b'{"n": 123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
-    (b'{"n": -9223372036854775809, "id": "12345678901234567890"}', {"n": -9223372036854775809,
-                                                                     "id": "12345678901234567890"}),
-    (b'{"x": NaN}', "nan"),
-])
-def test_a_payload_parses_as_the_standard_library_reads_it(value, expected):
-    from inbox.services import RawMessage, inbound_event_parse
-
-    headers = [(k, v.encode()) for k, v in event_headers().items()]
-    event = inbound_event_parse(RawMessage("t", 0, 0, b"1", value, headers))
-    if expected == "nan":
-        assert event.payload["x"] != event.payload["x"]  # NaN
-    else:
-        assert event.payload == expected
-    assert event.headers == event_headers() | {"id": event.event_id}  # every header, decoded when asked for
-
-
-@pytest.mark.parametrize("value", [b"{not json", b"\xff\xfe{}", b"[1, 2]", b""])
-def test_a_value_no_parser_takes_as_an_object_is_poison(value):
-    from inbox.services import PoisonMessage, RawMessage, inbound_event_parse
-
-    with pytest.raises(PoisonMessage):
-        inbound_event_parse(RawMessage("t", 0, 0, b"1", value, [(k, v.encode()) for k, v in event_headers().items()]))
 
 
 HOSTILE_VALUES = {
@@ -498,43 +453,6 @@ def test_hostile_messages_between_good_ones_are_dead_lettered_and_the_partition_
     assert {d.headers.get("case") for d in dead} >= set(HOSTILE_VALUES)
     assert consumer.stats["dead_lettered"] == len(HOSTILE_VALUES) == dead.count()
     assert all(d.error for d in dead)
-
-
-class _MessageWithUnreadableHeaders:
-    """A header name that is not UTF-8 (confluent-kafka cannot produce one, other clients can): the client's
-    headers() raises when it decodes the name."""
-
-    def topic(self): return "t"
-    def partition(self): return 0
-    def offset(self): return 3
-    def key(self): return b"1"
-    def value(self): return b"{}"
-    def error(self): return None
-    def headers(self): raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-
-
-def test_a_message_whose_headers_cannot_be_read_is_poison_not_a_crash():
-    from inbox.services import PoisonMessage
-
-    parsed, raw = EventConsumer._parse(_MessageWithUnreadableHeaders())
-    assert isinstance(parsed, PoisonMessage) and "header" in str(parsed)
-    assert (raw.offset, raw.value, raw.headers) == (3, b"{}", [])
-
-
-def test_a_dead_letter_at_an_offset_that_had_one_before_is_a_new_dead_letter():
-    """A topic deleted and created again starts its offsets at 0 again: the identity of a dead letter is its
-    offset and its bytes."""
-    from inbox.services import RawMessage, dead_letter_find, dead_letter_record
-
-    first = RawMessage("t", 0, 7, b"1", b"[1]", [("id", b"a")])
-    later = RawMessage("t", 0, 7, b"1", b"[2]", [("id", b"b")])
-    one = dead_letter_record(group_id="g", raw=first, error="poison", attempts=1, dlq_topic="d")
-    again = dead_letter_record(group_id="g", raw=first, error="poison", attempts=1, dlq_topic="d")
-    other = dead_letter_record(group_id="g", raw=later, error="poison", attempts=1, dlq_topic="d")
-
-    assert one.pk == again.pk != other.pk
-    assert (other.value, other.event_id) == ("[2]", "b")
-    assert dead_letter_find(group_id="g", raw=later).pk == other.pk
 
 
 def test_a_redelivered_dead_letter_is_not_retried_again(broker, topic, dlq):
