@@ -86,6 +86,14 @@ def truncate_outbox() -> None:
         cursor.execute(f"DELETE FROM {OutboxEvent._meta.db_table}")
 
 
+def bench_user_token() -> str:
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    user, _ = get_user_model().objects.get_or_create(username="bench")
+    return Token.objects.get_or_create(user=user)[0].key
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

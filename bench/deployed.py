@@ -1,123 +1,170 @@
-"""The relay's drain as deployed: `celery -A project worker` (default concurrency) and `celery -A project beat`,
-against raw SQL claim-and-mark on the same table with one and two connections, in the same run.
+"""The relay's drain as deployed against raw SQL, side by side and like for like.
 
-The backlog is orders with items, some cancelled (bench.common.prefill_outbox), written while the processes run
-and released in one commit that wakes the relay, as a burst of commits would.
+The backlog is written through the API once (bench.backlog) and copied back into a freshly truncated outbox
+before every side, so each side starts on the same rows in the same index state. The sides, in rounds, in an
+order that turns each round (no side always first):
+
+- raw SQL claim-and-mark (FOR UPDATE SKIP LOCKED, then UPDATE ... status='sent'), one process on one connection;
+- the same in two processes (what two relay processes compare with), released together once both are connected;
+- the deployed relay: `celery -A project worker --concurrency 2` and `celery -A project beat`, started before the
+  backlog and warmed (an event published end to end), timed from the commit that writes the backlog (which wakes
+  the relay, as a burst of commits would) until its last message is read off the topic: no query on the database
+  under test inside the window; that every row is marked sent is checked after it.
+
+For each side, MariaDB's CPU seconds per 1,000 events too (its /proc counters around the window).
 """
 
+import statistics
 import subprocess
 import sys
-import threading
 import time
+import uuid
 
-from django.db import connection, connections, transaction
+from django.db import connection
 
-from bench.common import ROOT, Timer, prefill_outbox, reset_outbox_pending, truncate_outbox
-from bench.drain import raw_sql_claim_and_mark
+from bench import backlog
+from bench.common import ROOT
+from bench.processes import cpu_seconds, in_processes, mariadb_pid, tree_cpu_seconds
 from bench.stack import process_env
+from bench.topic_count import TopicCounter
 
 VENV_BIN = f"{sys.prefix}/bin"
+LOG = ROOT / ".run" / "bench-deployed.log"
+WORKER_CONCURRENCY = 2
+SIDES = ("raw_sql_1", "raw_sql_2", "deployed")
 
 
-def raw_sql_two_connections(batch_size: int) -> float:
-    """Two naive loops side by side, each on its own connection: rows/s together."""
-    done = []
+def claim_and_mark(batch_size: int = 1000) -> int:
+    """The naive loop with no Kafka: claim a batch with SKIP LOCKED, mark it sent, commit; rows it marked."""
+    from django.db import transaction
 
-    def loop():
-        try:
-            done.append(raw_sql_claim_and_mark(batch_size))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=loop) for _ in range(2)]
-    with Timer() as t:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    return sum(done) / t.seconds
-
-
-def _pending_left() -> bool:
     from outbox.models import OutboxEvent
 
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT 1 FROM {OutboxEvent._meta.db_table} WHERE status <> 'sent' LIMIT 1")
-        return cursor.fetchone() is not None
+    table = OutboxEvent._meta.db_table
+    done = 0
+    while True:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"SELECT id FROM {table} WHERE status='pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                           [batch_size])
+            ids = [r[0] for r in cursor.fetchall()]
+            if not ids:
+                return done
+            cursor.execute(f"UPDATE {table} SET status='sent', published_at=NOW(6) WHERE id IN ({','.join(map(str, ids))})")
+            done += len(ids)
 
 
-def deployed_drain(n: int, *, log_path) -> float:
-    """Events/s from the commit of a backlog of n events until none is left, drained by a worker and beat.
+def raw_sql(n: int, connections: int) -> dict:
+    backlog.restore()
+    counts, seconds, database_cpu = in_processes(claim_and_mark, connections)
+    if sum(counts) != n:
+        raise RuntimeError(f"raw SQL marked {sum(counts)} of {n} rows")
+    return {"rate": n / seconds, "seconds": seconds, "database_cpu_ms_per_1000": database_cpu / n * 1e6}
 
-    The backlog is written while the processes run, in one transaction (invisible to them until it commits),
-    and its commit wakes the relay, as a burst of commits would: the drain starts on rows as they were
-    inserted. (Holding written rows back with a future available_at and releasing them with an UPDATE of
-    every row put that UPDATE in the timed window, and left the claim index full of entries the claims had to
-    walk past until purged.)"""
-    from outbox.hooks import schedule_after_commit
 
-    truncate_outbox()
-    env = process_env()
-    with open(log_path, "ab") as log:
-        processes = [
-            subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "worker", "--loglevel", "WARNING",
-                              "--without-mingle", "--without-gossip"], cwd=ROOT, env=env, stdout=log, stderr=log,
-                             start_new_session=True),
-            subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "beat", "--loglevel", "WARNING",
-                              "--schedule", str(ROOT / ".run" / "bench-beat-schedule")], cwd=ROOT, env=env,
-                             stdout=log, stderr=log, start_new_session=True),
-        ]
+def _unsent() -> int:
+    from outbox.models import OutboxEvent
+
+    return OutboxEvent.objects.exclude(status="sent").count()
+
+
+def deployed(n: int, bootstrap: str, broker) -> dict:
+    """The drain by a worker (concurrency 2) and beat on a topic of this round's own."""
+    from outbox.services import outbox_enqueue
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    broker.create_topics(prefix + "order")
+    backlog.empty_outbox()
+    env = process_env(OUTBOX_TOPIC_PREFIX=prefix)
+    with open(LOG, "ab") as log:
+        worker = subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "worker", "--loglevel", "WARNING",
+                                   "--without-mingle", "--without-gossip", "--concurrency", str(WORKER_CONCURRENCY)],
+                                  cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)
+        beat = subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "beat", "--loglevel", "WARNING",
+                                 "--schedule", str(ROOT / ".run" / "bench-beat-schedule")], cwd=ROOT, env=env,
+                                stdout=log, stderr=log, start_new_session=True)
+    counter = TopicCounter(bootstrap, prefix + "order")
+    alive = lambda: worker.poll() is None and beat.poll() is None  # noqa: E731
     try:
-        time.sleep(5)  # the worker's children are up and have warmed their producers; beat ticks
-        committed = []
+        # Ready when an event goes through end to end (the worker's children are up, their producers built;
+        # beat ticks); then the outbox is emptied again for the backlog.
+        from django.db import transaction
+
         with transaction.atomic():
-            prefill_outbox(n)
-            transaction.on_commit(lambda: committed.append(time.perf_counter()))  # runs first: the clock starts
-            schedule_after_commit()  # what the commits that wrote these events would have done
-        deadline = time.monotonic() + 600
-        while _pending_left():
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                raise RuntimeError(f"the deployed drain did not finish; see {log_path}")
-            time.sleep(0.05)
-        return n / (time.perf_counter() - committed[0])
+            outbox_enqueue(aggregate_type="order", aggregate_id="0", event_type="Warmup", payload={})
+        counter.reached(1, timeout=120, alive=alive)
+        database = mariadb_pid()
+        committed = []
+        backlog.restore(committed=lambda: committed.append((time.perf_counter(), cpu_seconds(database),
+                                                            tree_cpu_seconds(worker.pid))))
+        finished = counter.reached(1 + n, timeout=600, alive=alive)
+        database_cpu, relay_cpu = cpu_seconds(database), tree_cpu_seconds(worker.pid)
+        started, database_cpu_before, relay_cpu_before = committed[0]
     finally:
-        for process in processes:
+        counter.stop()
+        for process in (worker, beat):
             process.terminate()
-        for process in processes:
+        for process in (worker, beat):
             process.wait(30)
+    unsent = _unsent()  # after the window
+    if unsent:
+        raise RuntimeError(f"{unsent} rows not marked sent although their messages are on the topic")
+    # The CPU counters are read a moment after the last message: a slight over-count, against the relay.
+    seconds = finished - started
+    return {"rate": n / seconds, "seconds": seconds,
+            "database_cpu_ms_per_1000": (database_cpu - database_cpu_before) / n * 1e6,
+            "relay_cpu_ms_per_1000": (relay_cpu - relay_cpu_before) / n * 1e6}
 
 
-def run(n: int, rounds: int = 5) -> dict:
-    """Rounds of raw SQL (one connection, then two) and the deployed drain, back to back. This machine's speed
-    was seen to swing by a quarter from one minute to the next, so one pair decides little: the headline figures
-    are the round whose deployed / one-connection ratio is the median; every round is kept."""
-    results = {"events": n, "rounds": []}
-    for _ in range(rounds):
-        truncate_outbox()
-        prefill_outbox(n)
-        with Timer() as t:
-            assert raw_sql_claim_and_mark(1000) == n
-        one = n / t.seconds
-        reset_outbox_pending()
-        two = raw_sql_two_connections(1000)
-        rate = deployed_drain(n, log_path=ROOT / ".run" / "bench-deployed.log")
-        results["rounds"].append({"raw_sql_rate": one, "raw_sql_two_connections_rate": two, "deployed_rate": rate})
-    by_ratio = sorted(results["rounds"], key=lambda r: r["deployed_rate"] / r["raw_sql_rate"])
-    results.update(by_ratio[len(by_ratio) // 2])
+def run(n: int, broker, *, token: str, rounds: int = 5) -> dict:
+    backlog.ensure(n, token=token)
+    results = {"events": n, "worker_concurrency": WORKER_CONCURRENCY, "rounds": []}
+    for number in range(rounds):
+        order = SIDES[number % len(SIDES):] + SIDES[:number % len(SIDES)]
+        measured = {}
+        for side in order:
+            if side == "deployed":
+                measured[side] = deployed(n, broker.bootstrap, broker)
+            else:
+                measured[side] = raw_sql(n, int(side[-1]))
+            print(f"    round {number + 1} {side}: {measured[side]['rate']:,.0f}/s", flush=True)
+        measured["order"] = list(order)
+        measured["vs_one"] = measured["deployed"]["rate"] / measured["raw_sql_1"]["rate"]
+        measured["vs_two"] = measured["deployed"]["rate"] / measured["raw_sql_2"]["rate"]
+        results["rounds"].append(measured)
+    results["median_vs_one"] = statistics.median(r["vs_one"] for r in results["rounds"])
+    results["median_vs_two"] = statistics.median(r["vs_two"] for r in results["rounds"])
+    for side in SIDES:
+        results[f"median_{side}_rate"] = statistics.median(r[side]["rate"] for r in results["rounds"])
+        results[f"median_{side}_database_cpu_ms_per_1000"] = statistics.median(
+            r[side]["database_cpu_ms_per_1000"] for r in results["rounds"])
+    results["median_relay_cpu_ms_per_1000"] = statistics.median(
+        r["deployed"]["relay_cpu_ms_per_1000"] for r in results["rounds"])
+    backlog.empty_outbox()
     return results
 
 
-if __name__ == "__main__":
-    from bench.common import setup_django, start_broker
+def report_lines(d: dict) -> list[str]:
+    lines = [f"- round {i + 1} ({', '.join(r['order'])}): raw SQL one connection {r['raw_sql_1']['rate']:,.0f} rows/s, "
+             f"two {r['raw_sql_2']['rate']:,.0f}, deployed {r['deployed']['rate']:,.0f} events/s = "
+             f"{r['vs_one']:.2f} of one, {r['vs_two']:.2f} of two" for i, r in enumerate(d["rounds"])]
+    lines.append(
+        f"- MariaDB CPU per 1,000 events (median of rounds): raw SQL one connection "
+        f"{d['median_raw_sql_1_database_cpu_ms_per_1000']:.1f} ms, two {d['median_raw_sql_2_database_cpu_ms_per_1000']:.1f} ms, "
+        f"deployed {d['median_deployed_database_cpu_ms_per_1000']:.1f} ms; the relay's processes "
+        f"{d['median_relay_cpu_ms_per_1000']:.1f} ms")
+    return lines
+
+
+if __name__ == "__main__":  # python -m bench.deployed [events] [rounds]
+    from bench.common import bench_user_token, setup_django, start_broker
 
     broker = start_broker()
     try:
         setup_django()
-        results = run(int(sys.argv[1]) if len(sys.argv) > 1 else 40_000)
-        for r in results["rounds"]:
-            print(f"round: raw SQL {r['raw_sql_rate']:,.0f} rows/s, two connections {r['raw_sql_two_connections_rate']:,.0f}, "
-                  f"deployed {r['deployed_rate']:,.0f} events/s = {r['deployed_rate'] / r['raw_sql_rate']:.2f}")
-        print(f"median round: deployed / raw SQL: {results['deployed_rate'] / results['raw_sql_rate']:.2f}; "
-              f"/ two connections: {results['deployed_rate'] / results['raw_sql_two_connections_rate']:.2f}")
+        results = run(int(sys.argv[1]) if len(sys.argv) > 1 else 40_000, broker, token=bench_user_token(),
+                      rounds=int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+        print("\n".join(report_lines(results)))
+        print(f"median of rounds: deployed / one connection {results['median_vs_one']:.2f}, "
+              f"/ two {results['median_vs_two']:.2f}")
     finally:
         broker.stop()
