@@ -40,9 +40,7 @@ def snapshot_rows() -> int | None:
 def create_through_api(n: int, *, token: str, port: int = 18001, clients: int = 16) -> None:
     """At least n events written by the API (gunicorn, no relay running): orders with one to three items, 40%
     of them cancelled; then kept as the backlog (exactly n rows)."""
-    from bench.common import truncate_outbox
-
-    truncate_outbox()
+    empty_outbox()
     stack = Stack(port=port, relay=False)
     written, errors, lock = [0], [], threading.Lock()
 

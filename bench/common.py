@@ -39,8 +39,9 @@ def setup_django():
     call_command("migrate", verbosity=0)
 
 
-def prefill_outbox(n: int, *, payload_items: int = 2) -> None:
-    """Insert n pending events fast (multi-row INSERTs): ~60% of orders have one event, the rest two."""
+def prefill_outbox(n: int, *, payload_items: int = 2, traced: bool = False) -> None:
+    """Insert n pending events fast (multi-row INSERTs): ~60% of orders have one event, the rest two. traced: each
+    row carries the W3C trace context of the request that wrote it, as rows written by a traced web do."""
     from django.db import connection
 
     from outbox.models import OutboxEvent
@@ -53,27 +54,19 @@ def prefill_outbox(n: int, *, payload_items: int = 2) -> None:
         order += 1
         payload = ('{"order_id": "%d", "customer_id": "c-%d", "total": "19.98", "items": [%s]}'
                    % (order, order % 1000, ", ".join(['{"sku": "A-1", "quantity": 2, "unit_price": "9.99"}'] * payload_items)))
-        rows.append((uuid.uuid4().hex, "order", str(order), "OrderCreated", payload, now, "pending", 0, now, "", -1, -1))
+        trace = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01" if traced else ""
+        rows.append((uuid.uuid4().hex, "order", str(order), "OrderCreated", payload, now, "pending", 0, now, "", -1, -1,
+                     trace))
         if order % 5 < 2 and len(rows) < n:
             rows.append((uuid.uuid4().hex, "order", str(order), "OrderCancelled", payload, now, "pending", 0, now, "",
-                         -1, -1))
+                         -1, -1, trace))
     columns = ("event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, status, attempts, available_at, "
-               "last_error, kafka_partition, kafka_offset")
+               "last_error, kafka_partition, kafka_offset, trace_parent")
     with connection.cursor() as cursor:
         for start in range(0, len(rows), 5000):
             chunk = rows[start:start + 5000]
-            placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(chunk))
+            placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(chunk))
             cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {placeholders}", [v for row in chunk for v in row])
-
-
-def reset_outbox_pending() -> None:
-    from django.db import connection
-
-    from outbox.models import OutboxEvent
-
-    with connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {OutboxEvent._meta.db_table} SET status='pending', attempts=0, published_at=NULL, "
-                       f"kafka_partition=-1, kafka_offset=-1")
 
 
 def truncate_outbox() -> None:

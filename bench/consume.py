@@ -23,8 +23,10 @@ from decimal import Decimal
 
 from django.db import connection, transaction
 
-from bench.common import BENCH_DB, ROOT, Timer, prefill_outbox, truncate_outbox
+from bench import backlog
+from bench.common import BENCH_DB, ROOT
 from bench.memory import rss_kib
+from bench.processes import in_processes
 from bench.stack import process_env
 
 BATCH = 500  # INBOX_BATCH_SIZE's default: the ceiling writes the same batches
@@ -149,27 +151,10 @@ def run_consumers(env: dict, group_id: str, n: int, processes: int, **wait) -> d
     return timing
 
 
-def relay_drain(topic: str, n: int) -> float:
-    """`relay_outbox --until-empty` in a process of its own (the relay's code, as the worker runs it), from start
-    to exit: seconds."""
-    with Timer() as t:
-        done = subprocess.run([sys.executable, "manage.py", "relay_outbox", "--until-empty"], cwd=ROOT,
-                              env=topic_env(topic), capture_output=True, text=True, timeout=120 + n / 200)
-    if done.returncode != 0 or f"published {n} event(s)" not in done.stdout:
-        raise RuntimeError(f"relay_outbox exited {done.returncode}: {done.stdout[-500:]} {done.stderr[-2000:]}")
-    return t.seconds
-
-
-def raw_sql_ceiling(topic: str) -> float:
-    """The consumer's writes for the outbox's events with nothing else: one connection, per batch of 500 one
-    multi-row INSERT of the processed-event rows (which is also the consumer's dedupe when every id is new), the
-    stats projection's upsert, COMMIT.
-    Returns seconds. JSON parsing is done before the clock starts (the ceiling is the database's); folding the
-    batch into per-customer changes is timed, it is part of building the upsert."""
-    from inbox.models import ProcessedEvent
-    from ops.db import db_datetime, sql_literals
+def ceiling_events(topic: str) -> list[tuple]:
+    """The outbox's events as the consumer reads them, for the ceiling (outside its clock: the ceiling is the
+    database's): (event id with dashes, type, customer, total, partition, offset), in id order."""
     from outbox.models import OutboxEvent
-    from stats.handlers import stats_upsert_sql  # the projection's own statement
 
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT event_id, event_type, payload, kafka_partition, kafka_offset "
@@ -181,57 +166,81 @@ def raw_sql_ceiling(topic: str) -> float:
         # The id as the consumer records it (inbound_event_parse writes UUIDs with dashes).
         events.append((str(uuid.UUID(event_id)), event_type, data["customer_id"], Decimal(data["total"]),
                        partition, offset))
+    return events
+
+
+def ceiling_write(events: list[tuple], topic: str, group_id: str) -> int:
+    """The consumer's writes for `events` with nothing else, on one connection: per batch of 500, one multi-row
+    INSERT of the processed-event rows (also the consumer's dedupe when every id is new), the stats projection's
+    upsert, COMMIT. Folding a batch into per-customer changes is part of building the upsert: it is timed."""
+    from inbox.models import ProcessedEvent
+    from ops.db import db_datetime, sql_literals
+    from stats.handlers import stats_upsert_sql  # the projection's own statement
+
     table, quote = ProcessedEvent._meta.db_table, connection.ops.quote_name
     insert = (f"INSERT INTO {table} (group_id, event_id, event_type, topic, {quote('partition')}, {quote('offset')}, "
               f"processed_at) VALUES ")
+    for start in range(0, len(events), BATCH):
+        batch = events[start:start + BATCH]
+        now = db_datetime(datetime.now(timezone.utc))
+        changes = defaultdict(lambda: [0, 0, Decimal("0")])
+        for _, event_type, customer, total, _, _ in batch:
+            change = changes[customer]
+            created = event_type == "OrderCreated"
+            change[0 if created else 1] += 1
+            change[2] += total if created else -total
+        # Values written into the statements as the consumer writes them (ops.db.sql_literals).
+        sql_literal = sql_literals()
+        ids = [sql_literal(e[0]) for e in batch]
+        group, at = sql_literal(group_id), sql_literal(now)
+        kinds = {kind: sql_literal(kind) for kind in ("OrderCreated", "OrderCancelled")}
+        topic_literal = sql_literal(topic)
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(insert + ",".join(
+                f"({group},{event_id},{kinds[e[1]]},{topic_literal},{int(e[4])},{int(e[5])},{at})"
+                for event_id, e in zip(ids, batch)))
+            cursor.execute(stats_upsert_sql(sql_literal, changes, now=at))
+    return len(events)
+
+
+def raw_sql_ceiling(events: list[tuple], topic: str, processes: int) -> dict:
+    """ceiling_write in `processes` processes of one group side by side, each the events of its share of the
+    partitions (as the consumers of a group share them): events/s."""
     group_id = f"bench-{uuid.uuid4().hex[:8]}"  # as long as the consumer runs' group ids: same index entries
-    with Timer() as t:
-        for start in range(0, len(events), BATCH):
-            batch = events[start:start + BATCH]
-            now = db_datetime(datetime.now(timezone.utc))
-            changes = defaultdict(lambda: [0, 0, Decimal("0")])
-            for _, event_type, customer, total, _, _ in batch:
-                change = changes[customer]
-                created = event_type == "OrderCreated"
-                change[0 if created else 1] += 1
-                change[2] += total if created else -total
-            # Values written into the statements as the consumer writes them (ops.db.sql_literals): the cheapest
-            # way to build them, so that the ceiling is the database's.
-            sql_literal = sql_literals()
-            ids = [sql_literal(e[0]) for e in batch]
-            group, at = sql_literal(group_id), sql_literal(now)
-            kinds = {kind: sql_literal(kind) for kind in ("OrderCreated", "OrderCancelled")}
-            topic_literal = sql_literal(topic)
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(insert + ",".join(
-                    f"({group},{event_id},{kinds[e[1]]},{topic_literal},{int(e[4])},{int(e[5])},{at})"
-                    for event_id, e in zip(ids, batch)))
-                cursor.execute(stats_upsert_sql(sql_literal, changes, now=at))
-    assert processed_count(group_id) == len(events)
-    return t.seconds
+    shares = [[e for e in events if e[4] % processes == i] for i in range(processes)]
+    counts, seconds, database_cpu = in_processes([(ceiling_write, (share, topic, group_id)) for share in shares])
+    if processed_count(group_id) != len(events) or sum(counts) != len(events):
+        raise RuntimeError("the ceiling did not record every event")
+    return {"rate": len(events) / seconds, "database_cpu_ms_per_1000": database_cpu / len(events) * 1e6}
 
 
-def apply_rate(n: int, broker) -> dict:
-    """Relay drain, one and two consumer processes, and the raw-SQL ceiling, on the same n events."""
-    truncate_outbox()
-    prefill_outbox(n)
-    topic = fresh_topic(broker)
-    relay_seconds = relay_drain(topic, n)
-    results = {"events": n, "relay_seconds": relay_seconds, "relay_rate": n / relay_seconds}
+def apply_rate(n: int, broker, *, token: str) -> dict:
+    """All in one step, on the same backlog (bench.backlog: written through the API): the relay as deployed drains
+    it to a topic of its own; one, then two consume_events apply it; the raw-SQL ceiling writes the same in one,
+    then two processes. Each consumer figure is compared with the relay's drain of this step and with the
+    ceiling of as many connections as it has processes."""
+    from bench.deployed import deployed
+
+    backlog.ensure(n, token=token)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}."
+    relay = deployed(n, broker, prefix=prefix)
+    topic = prefix + "order"
+    events = ceiling_events(topic)
+    results = {"events": n, "relay_rate": relay["rate"]}
     for processes in (1, 2):
-        clean_inbox()  # every run starts from empty tables, as the ceiling does
+        clean_inbox()  # every run starts from empty tables
         group_id = f"bench-{uuid.uuid4().hex[:8]}"
         timing = run_consumers(topic_env(topic, INBOX_GROUP_ID=group_id), group_id, n, processes,
                                timeout=120 + n / 500)
         rate = n / timing["seconds"]
         after_first = timing["seconds"] - timing["first_applied_s"]
-        # For reading the figure only: the rate once the group was joined and applying.
+        # The rate once the group was joined and applying (the join is paid once per process start).
         rate_after_first = (n - timing["first_count"]) / after_first if after_first > 0 else rate
         results[f"consumer_{processes}"] = {**timing, "rate": rate, "rate_after_first": rate_after_first}
+        clean_inbox()
+        results[f"raw_sql_{processes}"] = raw_sql_ceiling(events, topic, processes)
     clean_inbox()
-    results["raw_sql_rate"] = n / raw_sql_ceiling(topic)
-    clean_inbox()
-    truncate_outbox()
+    backlog.empty_outbox()
     return results
 
 
@@ -312,7 +321,8 @@ def projection_latency(*, port: int, reader_port: int, token: str, rate: int, se
     for thread in pollers:
         thread.join()
     polled_for = time.monotonic() - start
-    ms = [v * 1000 for v in latencies] or [float("nan")]
+    # An order never seen counts, as an infinite latency: in the percentiles, not dropped from them.
+    ms = [v * 1000 for v in latencies] + [float("inf")] * len(unseen)
     return {
         "orders": total, "errors": len(errors), "achieved_rate": total / sent_in,
         "track_every": track_every, "tracked": len(range(0, total, track_every)), "seen": len(latencies),
@@ -354,27 +364,29 @@ def latency(*, port: int, token: str, rate: int, seconds: float, broker) -> dict
 
 
 def produce_backlog(topic: str, n: int, bootstrap: str) -> None:
-    """n distinct events straight to the topic, as the relay would write them (headers, JSON payload, order id as
-    key, the relay's partitioner; ~40% of orders cancelled), without the relay: the RSS run measures the
-    consumer."""
+    """n distinct events straight to the topic, as the relay writes them (its Claimed.message(): key, JSON value,
+    every header; the relay's partitioner; ~40% of orders cancelled), without the relay: the RSS run measures
+    the consumer."""
     from confluent_kafka import Producer
+
+    from relay.claim import Claimed
 
     producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random", "linger.ms": 20,
                          "enable.idempotence": True, "acks": "all"})
     failed = []
-    occurred = datetime.now(timezone.utc).isoformat().encode()
+    occurred = datetime.now(timezone.utc).replace(tzinfo=None)
     produced = order = 0
     while produced < n:
         order += 1
-        key = str(order).encode()
         payload = ('{"order_id": "%d", "customer_id": "c-%d", "total": "19.98", "items": [%s]}'
                    % (order, order % 1000, ", ".join(['{"sku": "A-1", "quantity": 2, "unit_price": "9.99"}'] * 2)))
-        for event_type in (b"OrderCreated", b"OrderCancelled")[: 2 if order % 5 < 2 else 1][: n - produced]:
-            headers = [("id", str(uuid.uuid4()).encode()), ("eventType", event_type), ("aggregateType", b"order"),
-                       ("aggregateId", key), ("occurredAt", occurred)]
+        for event_type in ("OrderCreated", "OrderCancelled")[: 2 if order % 5 < 2 else 1][: n - produced]:
+            message = Claimed(id=produced, event_id=str(uuid.uuid4()), aggregate_type="order", aggregate_id=str(order),
+                              event_type=event_type, payload=payload, occurred_at=occurred, attempts=0,
+                              topic=topic).message()
             while True:
                 try:
-                    producer.produce(topic, key=key, value=payload.encode(), headers=headers,
+                    producer.produce(message.topic, key=message.key, value=message.value, headers=message.headers,
                                      on_delivery=lambda err, _msg: err and failed.append(err))
                     break
                 except BufferError:  # the local queue is full: let deliveries drain it
@@ -422,6 +434,8 @@ if __name__ == "__main__":  # the apply-rate runs alone: python -m bench.consume
     broker = start_broker()
     try:
         setup_django()
-        print(apply_rate(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, broker))
+        from bench.common import bench_user_token
+
+        print(apply_rate(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, broker, token=bench_user_token()))
     finally:
         broker.stop()

@@ -55,7 +55,7 @@ def claim_and_mark(batch_size: int = 1000) -> int:
 
 def raw_sql(n: int, connections: int) -> dict:
     backlog.restore()
-    counts, seconds, database_cpu = in_processes(claim_and_mark, connections)
+    counts, seconds, database_cpu = in_processes([(claim_and_mark, ())] * connections)
     if sum(counts) != n:
         raise RuntimeError(f"raw SQL marked {sum(counts)} of {n} rows")
     return {"rate": n / seconds, "seconds": seconds, "database_cpu_ms_per_1000": database_cpu / n * 1e6}
@@ -67,12 +67,13 @@ def _unsent() -> int:
     return OutboxEvent.objects.exclude(status="sent").count()
 
 
-def deployed(n: int, bootstrap: str, broker) -> dict:
-    """The drain by a worker (concurrency 2) and beat on a topic of this round's own."""
+def deployed(n: int, broker, *, prefix: str | None = None) -> dict:
+    """The drain by a worker (concurrency 2) and beat on topics of this round's own (prefix: OUTBOX_TOPIC_PREFIX;
+    the backlog goes to prefix + "order", the warm-up event to prefix + "warmup")."""
     from outbox.services import outbox_enqueue
 
-    prefix = f"bench-{uuid.uuid4().hex[:8]}."
-    broker.create_topics(prefix + "order")
+    prefix = prefix or f"bench-{uuid.uuid4().hex[:8]}."
+    broker.create_topics(prefix + "order", prefix + "warmup")
     backlog.empty_outbox()
     env = process_env(OUTBOX_TOPIC_PREFIX=prefix)
     with open(LOG, "ab") as log:
@@ -82,7 +83,7 @@ def deployed(n: int, bootstrap: str, broker) -> dict:
         beat = subprocess.Popen([f"{VENV_BIN}/celery", "-A", "project", "beat", "--loglevel", "WARNING",
                                  "--schedule", str(ROOT / ".run" / "bench-beat-schedule")], cwd=ROOT, env=env,
                                 stdout=log, stderr=log, start_new_session=True)
-    counter = TopicCounter(bootstrap, prefix + "order")
+    counter, warmed = TopicCounter(broker.bootstrap, prefix + "order"), TopicCounter(broker.bootstrap, prefix + "warmup")
     alive = lambda: worker.poll() is None and beat.poll() is None  # noqa: E731
     try:
         # Ready when an event goes through end to end (the worker's children are up, their producers built;
@@ -90,17 +91,18 @@ def deployed(n: int, bootstrap: str, broker) -> dict:
         from django.db import transaction
 
         with transaction.atomic():
-            outbox_enqueue(aggregate_type="order", aggregate_id="0", event_type="Warmup", payload={})
-        counter.reached(1, timeout=120, alive=alive)
+            outbox_enqueue(aggregate_type="warmup", aggregate_id="0", event_type="Warmup", payload={})
+        warmed.reached(1, timeout=120, alive=alive)
         database = mariadb_pid()
         committed = []
         backlog.restore(committed=lambda: committed.append((time.perf_counter(), cpu_seconds(database),
                                                             tree_cpu_seconds(worker.pid))))
-        finished = counter.reached(1 + n, timeout=600, alive=alive)
+        finished = counter.reached(n, timeout=600, alive=alive)
         database_cpu, relay_cpu = cpu_seconds(database), tree_cpu_seconds(worker.pid)
         started, database_cpu_before, relay_cpu_before = committed[0]
     finally:
         counter.stop()
+        warmed.stop()
         for process in (worker, beat):
             process.terminate()
         for process in (worker, beat):
@@ -123,7 +125,7 @@ def run(n: int, broker, *, token: str, rounds: int = 5) -> dict:
         measured = {}
         for side in order:
             if side == "deployed":
-                measured[side] = deployed(n, broker.bootstrap, broker)
+                measured[side] = deployed(n, broker)
             else:
                 measured[side] = raw_sql(n, int(side[-1]))
             print(f"    round {number + 1} {side}: {measured[side]['rate']:,.0f}/s", flush=True)

@@ -3,24 +3,9 @@
 from django.conf import settings
 from django.db import connection, transaction
 
-from bench.common import Timer, prefill_outbox, reset_outbox_pending, truncate_outbox
-
-
-def raw_sql_claim_and_mark(batch_size: int) -> int:
-    """The naive loop with no Kafka: claim a batch with SKIP LOCKED, mark it sent, commit."""
-    from outbox.models import OutboxEvent
-
-    table = OutboxEvent._meta.db_table
-    done = 0
-    while True:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(f"SELECT id FROM {table} WHERE status='pending' ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                           [batch_size])
-            ids = [r[0] for r in cursor.fetchall()]
-            if not ids:
-                return done
-            cursor.execute(f"UPDATE {table} SET status='sent', published_at=NOW(6) WHERE id IN ({','.join(map(str, ids))})")
-            done += len(ids)
+from bench import backlog
+from bench.common import Timer
+from bench.deployed import claim_and_mark
 
 
 def raw_producer(n_expected: int) -> int:
@@ -78,26 +63,36 @@ def claim_over_backoff_ms() -> float:
     return t.seconds * 1000
 
 
-def run(n: int, batch_sizes: list[int]) -> dict:
-    truncate_outbox()
-    prefill_outbox(n)
+def run(n: int, batch_sizes: list[int], *, token: str) -> dict:
+    """Every measurement on the same backlog (bench.backlog, written through the API), freshly copied into a
+    truncated outbox before it; raw SQL measured before and after the relay's batch sizes, the mean of the two
+    its reference."""
+    backlog.ensure(n, token=token)
+    backlog.restore()
     results = {"events": n, "explain": explain_claim()}
-
+    raw = []
     with Timer() as t:
-        assert raw_sql_claim_and_mark(1000) == n
-    results["raw_sql_rate"] = n / t.seconds
+        assert claim_and_mark(1000) == n
+    raw.append(n / t.seconds)
 
-    reset_outbox_pending()
+    backlog.restore()
     produced, seconds = raw_producer(n)
     results["raw_producer_rate"] = produced / seconds
 
     results["relay_rate_by_batch"] = {}
     for batch_size in batch_sizes:
-        reset_outbox_pending()
+        backlog.restore()
         with Timer() as t:
             assert relay_drain(batch_size) == n
         results["relay_rate_by_batch"][batch_size] = n / t.seconds
+    backlog.restore()
+    with Timer() as t:
+        assert claim_and_mark(1000) == n
+    raw.append(n / t.seconds)
+    results["raw_sql_rate"], results["raw_sql_rates"] = sum(raw) / len(raw), raw
+    backlog.restore()
     results["claim_over_backoff_ms"] = claim_over_backoff_ms()
+    backlog.empty_outbox()
     return results
 
 
@@ -109,7 +104,9 @@ if __name__ == "__main__":
     broker = start_broker()
     try:
         setup_django()
-        n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-        print(run(n, [1000]))
+        from bench.common import bench_user_token
+
+        n = int(sys.argv[1]) if len(sys.argv) > 1 else 40_000
+        print(run(n, [1000], token=bench_user_token()))
     finally:
         broker.stop()

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 import time
+import uuid
 
 from bench.common import ROOT, prefill_outbox, truncate_outbox
 from bench.stack import process_env
+from bench.topic_count import TopicCounter
 
 
 def rss_kib(pid: int) -> int:
@@ -16,24 +18,24 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def sent_count() -> int:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT COUNT(*) FROM outbox_outboxevent WHERE status = 'sent'")
-        return cursor.fetchone()[0]
-
-
-def run(n: int) -> dict:
+def run(n: int, broker) -> dict:
+    """Progress is counted off the topic (a topic of this run's own), not by a query on the database under test."""
     truncate_outbox()
     prefill_outbox(n)
+    prefix = f"bench-rss-{uuid.uuid4().hex[:8]}."
+    broker.create_topics(prefix + "order")
+    counter = TopicCounter(broker.bootstrap, prefix + "order")
     relay = subprocess.Popen([sys.executable, "manage.py", "relay_outbox", "--until-empty"], cwd=ROOT,
-                             env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    samples = []  # (events sent, rss KiB)
+                             env=process_env(OUTBOX_TOPIC_PREFIX=prefix), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    samples = []  # (events on the topic, rss KiB)
     started = time.perf_counter()
-    while relay.poll() is None:
-        samples.append((sent_count(), rss_kib(relay.pid)))
-        time.sleep(1.0)
+    try:
+        while relay.poll() is None:
+            samples.append((counter.count, rss_kib(relay.pid)))
+            time.sleep(1.0)
+    finally:
+        counter.stop()
     elapsed = time.perf_counter() - started
     output = relay.stdout.read()
     if relay.returncode != 0:

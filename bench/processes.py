@@ -60,16 +60,16 @@ def _child(work, args, barrier, results) -> None:
     connection.close()
 
 
-def in_processes(work, count: int, *args) -> tuple[list, float, float]:
-    """work(*args) in `count` forked processes, each on its own database connection, released together once all
-    are connected. Returns (their results, seconds from the release to the last result, MariaDB CPU seconds
-    in between)."""
+def in_processes(calls: list[tuple]) -> tuple[list, float, float]:
+    """Each (function, args) of calls in a forked process of its own, each on its own database connection,
+    released together once all are connected. Returns (their results, in no particular order; seconds from the
+    release to the last result; MariaDB CPU seconds in between)."""
     from django.db import connections
 
     connections.close_all()  # a forked child must not share the parent's connection
     context = multiprocessing.get_context("fork")
-    barrier, results = context.Barrier(count + 1), context.Queue()
-    children = [context.Process(target=_child, args=(work, args, barrier, results)) for _ in range(count)]
+    barrier, results = context.Barrier(len(calls) + 1), context.Queue()
+    children = [context.Process(target=_child, args=(work, args, barrier, results)) for work, args in calls]
     for child in children:
         child.start()
     database = mariadb_pid()

@@ -10,18 +10,10 @@ import os
 import time
 
 from bench import common  # noqa: F401  (configures the environment first)
-from bench.common import ROOT, setup_django, start_broker, truncate_outbox
+from bench.common import ROOT, bench_user_token, setup_django, start_broker, truncate_outbox
 
 TARGETS = {"drain_rate": 25_000, "drain_vs_sql": 0.7, "p50_ms": 25, "p99_ms": 100, "outbox_cost": 0.15,
            "deployed_vs_sql": 0.8, "deployed_vs_two_sql": 1.0, "consumer_vs_relay": 1.0, "consumer_vs_sql": 0.7, "projection_p50_ms": 50, "projection_p99_ms": 150}
-
-
-def bench_user_token() -> str:
-    from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
-
-    user, _ = get_user_model().objects.get_or_create(username="bench")
-    return Token.objects.get_or_create(user=user)[0].key
 
 
 def flush_redis() -> None:
@@ -72,7 +64,7 @@ def run_consumer(args, broker, skip: set) -> dict:
 
     results = {}
     print("  consumer apply rate...", flush=True)
-    results["apply"] = consume.apply_rate(args.consumer_events, broker)
+    results["apply"] = consume.apply_rate(args.consumer_events or args.events, broker, token=bench_user_token())
     if "http" not in skip:
         print("  commit-to-projection latency...", flush=True)
         truncate_outbox()
@@ -86,7 +78,8 @@ def run_consumer(args, broker, skip: set) -> dict:
 
 def fmt_latency(r: dict) -> str:
     return (f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.0f} ms "
-            f"({r['received']}/{r['orders']} received at {r['achieved_rate']:.0f}/s, {r['errors']} errors)")
+            f"({r['received']}/{r['orders']} received at {r['achieved_rate']:.0f}/s, {r['missing']} missing, counted "
+            f"as never arriving; {r['errors']} errors)")
 
 
 def verdict(ok: bool) -> str:
@@ -105,25 +98,29 @@ def report(results: dict) -> str:
     ]
     dep = results.get("deployed")
     if dep:
-        vs_one, vs_two = dep["deployed_rate"] / dep["raw_sql_rate"], dep["deployed_rate"] / dep["raw_sql_two_connections_rate"]
+        from bench.deployed import report_lines as deployed_lines
+
+        vs_one, vs_two = dep["median_vs_one"], dep["median_vs_two"]
         lines += [
-            f"As deployed: {dep['events']:,} events (orders with items, some cancelled) written in one transaction "
-            f"while the processes run, whose commit wakes the relay (timed from that commit), drained by "
-            f"`celery -A project worker` (default concurrency) with `celery -A project beat` running:\n",
-            f"- raw SQL claim-and-mark on the same table, one connection: **{dep['raw_sql_rate']:,.0f} rows/s**; "
-            f"two connections side by side: **{dep['raw_sql_two_connections_rate']:,.0f} rows/s**",
-            f"- deployed drain: **{dep['deployed_rate']:,.0f} events/s** = {vs_one:.2f} of one connection "
-            f"(target ≥ {TARGETS['deployed_vs_sql']}: {verdict(vs_one >= TARGETS['deployed_vs_sql'])}), "
-            f"{vs_two:.2f} of two (moonshot ≥ {TARGETS['deployed_vs_two_sql']}: "
-            f"{verdict(vs_two >= TARGETS['deployed_vs_two_sql'])}): the median of {len(dep['rounds'])} rounds run back "
-            f"to back (this machine's speed swings from minute to minute; raw SQL and the drain are paired in each), "
-            f"each round's deployed / one connection: "
-            + ", ".join(f"{r['deployed_rate'] / r['raw_sql_rate']:.2f}" for r in dep["rounds"]) + "\n",
-            "In one process (`relay_run` called in a loop by the benchmark itself, no Celery; not what users run):\n",
+            f"As deployed, like for like: {dep['events']:,} events written through the API (orders with items, 40% "
+            f"cancelled), kept, and copied into a freshly truncated outbox before each side; in each round, in an "
+            f"order that turns: raw SQL claim-and-mark in one process, in two processes, and the drain by "
+            f"`celery -A project worker --concurrency {dep['worker_concurrency']}` with beat (started and warmed "
+            f"before the backlog's commit, which wakes them; timed to the backlog's last message on the topic).\n",
+            f"- **deployed / one raw-SQL connection: {vs_one:.2f}** (median of {len(dep['rounds'])} rounds; target "
+            f"≥ {TARGETS['deployed_vs_sql']}: {verdict(vs_one >= TARGETS['deployed_vs_sql'])}); "
+            f"/ two: {vs_two:.2f} (moonshot ≥ {TARGETS['deployed_vs_two_sql']}: "
+            f"{verdict(vs_two >= TARGETS['deployed_vs_two_sql'])}); median rates: one connection "
+            f"{dep['median_raw_sql_1_rate']:,.0f} rows/s, two {dep['median_raw_sql_2_rate']:,.0f}, deployed "
+            f"{dep['median_deployed_rate']:,.0f} events/s",
+            *deployed_lines(dep),
+            "\nIn one process (`relay_run` called in a loop by the benchmark itself, no Celery; not what users run), "
+            "each measurement on the same backlog freshly copied:\n",
         ]
     lines += [
         f"- {d['events']:,} events; claim query plan: `{d['explain']}`",
-        f"- raw SQL claim-and-mark (no Kafka), batch 1000: **{d['raw_sql_rate']:,.0f} rows/s**",
+        f"- raw SQL claim-and-mark (no Kafka), batch 1000: **{d['raw_sql_rate']:,.0f} rows/s** (the mean of one "
+        f"run before the relay's and one after: " + ", ".join(f"{r:,.0f}" for r in d["raw_sql_rates"]) + ")",
         f"- raw producer, same messages, no database: **{d['raw_producer_rate']:,.0f} msgs/s**",
         f"- relay, batch {d['default_batch']} (default), {d['lanes']} lanes: **{default_rate:,.0f} events/s** = "
         f"{default_rate / d['raw_sql_rate']:.2f} of raw SQL "
@@ -137,7 +134,7 @@ def report(results: dict) -> str:
     if h:
         wake, poll = h["wake_on_commit"], h["polling_only"]
         lines += [
-            "\n## Commit-to-consume latency at a steady rate over HTTP\n",
+            "\n## Commit-to-topic latency at a steady rate over HTTP (a reader of the topic, no consumer)\n",
             f"- with the on-commit wake-up: {fmt_latency(wake)} "
             f"(p50 < {TARGETS['p50_ms']} ms: {verdict(wake['p50_ms'] < TARGETS['p50_ms'])}; "
             f"p99 < {TARGETS['p99_ms']} ms: {verdict(wake['p99_ms'] < TARGETS['p99_ms'])})",
@@ -158,7 +155,7 @@ def report(results: dict) -> str:
     if m:
         lines += ["\n## Relay memory while publishing\n", rss_line(m, "relay_outbox")]
     if c:
-        lines += consumer_report(c, results.get("deployed"))
+        lines += consumer_report(c)
     lines.append("\n![latency percentiles and drain throughput](benchmarks.png)\n")
     return "\n".join(lines)
 
@@ -175,32 +172,30 @@ def rss_line(m: dict, process: str) -> str:
     return f"{line} (growth {growth:+.1f} MiB: {'flat' if growth < 10 else 'GROWS'})"
 
 
-def consumer_report(c: dict, deployed: dict | None) -> list[str]:
+def consumer_report(c: dict) -> list[str]:
     a = c["apply"]
-    # The relay as deployed (warm worker processes) drained the same shape of backlog in this run: the fair
-    # comparison for a consumer judged from its first applied event. Without it, the cold relay_outbox drain.
-    relay_rate = deployed["deployed_rate"] if deployed else a["relay_rate"]
 
-    def apply_line(name: str, run: dict) -> str:
+    def apply_line(name: str, processes: int) -> str:
+        run, ceiling = a[f"consumer_{processes}"], a[f"raw_sql_{processes}"]["rate"]
         # Judged from the first applied event: start-up and the first group join (the coordinator's initial
         # rebalance delay) are paid once per process start, not per backlog.
         steady = run["rate_after_first"]
-        vs_relay, vs_sql = steady / relay_rate, steady / a["raw_sql_rate"]
+        vs_relay, vs_sql = steady / a["relay_rate"], steady / ceiling
         return (f"- {name}: **{steady:,.0f} events/s** from the first applied event = {vs_relay:.2f} of the relay's "
                 f"drain (target ≥ {TARGETS['consumer_vs_relay']}: {verdict(vs_relay >= TARGETS['consumer_vs_relay'])}) "
-                f"and {vs_sql:.2f} of raw SQL (target ≥ {TARGETS['consumer_vs_sql']}: "
-                f"{verdict(vs_sql >= TARGETS['consumer_vs_sql'])}); {run['rate']:,.0f} events/s from process start, "
-                f"of whose {run['seconds']:.1f} s {run['first_applied_s']:.1f} s went by before the first event was "
-                f"applied (start-up and the group join)")
+                f"and {vs_sql:.2f} of the raw-SQL ceiling in as many processes ({ceiling:,.0f} rows/s; target ≥ "
+                f"{TARGETS['consumer_vs_sql']}: {verdict(vs_sql >= TARGETS['consumer_vs_sql'])}); {run['rate']:,.0f} "
+                f"events/s from process start, of whose {run['seconds']:.1f} s {run['first_applied_s']:.1f} s went by "
+                f"before the first event was applied (start-up and the group join)")
 
     lines = [
-        "\n## Consumer apply rate (the same backlog, `consume_events` as deployed, batches of up to 500)\n",
-        f"- {a['events']:,} events: relay drain as deployed (above): **{relay_rate:,.0f} events/s**; by "
-        f"`relay_outbox --until-empty`, process start to exit: {a['relay_rate']:,.0f} events/s",
-        f"- raw SQL ceiling of the same writes (one connection, per 500: multi-row INSERT of the ids, stats "
-        f"upsert, COMMIT): **{a['raw_sql_rate']:,.0f} rows/s**",
-        apply_line("one `consume_events` process", a["consumer_1"]),
-        apply_line("two `consume_events` processes in one group", a["consumer_2"]),
+        "\n## Consumer apply rate (`consume_events` as deployed, batches of up to 500), all in one step\n",
+        f"- {a['events']:,} events written through the API, drained to a topic of their own by the relay as "
+        f"deployed in this step: **{a['relay_rate']:,.0f} events/s**; the raw-SQL ceiling writes the same rows "
+        f"(per 500: multi-row INSERT of the ids, stats upsert, COMMIT) in one process and in two (each its share "
+        f"of the partitions): **{a['raw_sql_1']['rate']:,.0f}** and **{a['raw_sql_2']['rate']:,.0f} rows/s**",
+        apply_line("one `consume_events` process", 1),
+        apply_line("two `consume_events` processes in one group", 2),
     ]
     lat = c.get("latency")
     if lat:
@@ -242,14 +237,14 @@ def plot(results: dict, path) -> None:
         left.bar([x - 0.2 for x in xs], [http["wake_on_commit"][n] for n in names], width=0.4, label="on-commit wake-up")
         left.bar([x + 0.2 for x in xs], [http["polling_only"][n] for n in names], width=0.4, label="polling only")
         left.set_xticks(list(xs), ["p50", "p95", "p99"])
-        left.set(ylabel="ms (log)", yscale="log", title="Commit-to-consume latency")
+        left.set(ylabel="ms (log)", yscale="log", title="Commit-to-topic latency")
         left.legend()
     if consumer:
         a = consumer["apply"]
-        relay_rate = results["deployed"]["deployed_rate"] if results.get("deployed") else a["relay_rate"]
-        bars = {"relay drain": relay_rate, "consumer, 1 process": a["consumer_1"]["rate_after_first"],
-                "consumer, 2 processes": a["consumer_2"]["rate_after_first"], "raw SQL ceiling": a["raw_sql_rate"]}
-        panels[2].bar(list(bars), list(bars.values()), color=["tab:blue", "tab:orange", "tab:orange", "grey"])
+        bars = {"relay drain": a["relay_rate"], "consumer, 1 process": a["consumer_1"]["rate_after_first"],
+                "consumer, 2 processes": a["consumer_2"]["rate_after_first"],
+                "raw SQL, 1 process": a["raw_sql_1"]["rate"], "raw SQL, 2 processes": a["raw_sql_2"]["rate"]}
+        panels[2].bar(list(bars), list(bars.values()), color=["tab:blue", "tab:orange", "tab:orange", "grey", "grey"])
         panels[2].set(ylabel="events/s", title=f"Same {a['events']:,} events: relay drain and consumer apply")
         panels[2].tick_params(axis="x", labelrotation=15)
     figure.tight_layout()
@@ -258,14 +253,17 @@ def plot(results: dict, path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=100_000, help="pre-filled outbox rows for the drain runs")
+    parser.add_argument("--events", type=int, default=40_000,
+                        help="the backlog of the drain and consumer runs, written through the API (kept between runs)")
     parser.add_argument("--batch-sizes", default="250,500,1000,2000")
     parser.add_argument("--rate", type=int, default=200, help="orders/s for the latency runs")
     parser.add_argument("--latency-seconds", type=float, default=20)
     parser.add_argument("--throughput-seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the deployed drain against raw SQL")
     parser.add_argument("--rss-events", type=int, default=1_000_000)
     parser.add_argument("--tracing-events", type=int, default=20_000, help="backlog for the tracing-cost drains")
-    parser.add_argument("--consumer-events", type=int, default=100_000, help="backlog for the consumer apply runs")
+    parser.add_argument("--consumer-events", type=int, default=None,
+                        help="backlog for the consumer apply runs (default: --events, the same backlog)")
     parser.add_argument("--consumer-rss-events", type=int, default=1_000_000, help="backlog for the consumer's RSS")
     parser.add_argument("--skip", default="",
                         help="comma-separated: http (also the consumer's latency), memory (the relay's RSS), "
@@ -284,11 +282,11 @@ def main() -> None:
                    "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"}
         print("drain...", flush=True)
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-        results["drain"] = drain.run(args.events, batch_sizes)
+        results["drain"] = drain.run(args.events, batch_sizes, token=bench_user_token())
         results["drain"]["default_batch"] = 1000 if 1000 in batch_sizes else batch_sizes[0]
         results["drain"]["lanes"] = settings.OUTBOX_RELAY_LANES
         print("deployed drain...", flush=True)
-        results["deployed"] = deployed.run(args.events)
+        results["deployed"] = deployed.run(args.events, broker, token=bench_user_token(), rounds=args.rounds)
         if "http" not in skip:
             print("http...", flush=True)
             results["http"] = run_http(args, broker)
@@ -300,7 +298,7 @@ def main() -> None:
                                                   throughput_seconds=args.throughput_seconds)
         if "memory" not in skip:
             print("memory...", flush=True)
-            results["memory"] = memory.run(args.rss_events)
+            results["memory"] = memory.run(args.rss_events, broker)
         if "consumer" not in skip:
             print("consumer...", flush=True)
             results["consumer"] = run_consumer(args, broker, skip)

@@ -40,7 +40,7 @@ def otlp_sink() -> http.server.ThreadingHTTPServer:
 
 def drain_seconds(n: int, env: dict) -> float:
     truncate_outbox()
-    prefill_outbox(n)
+    prefill_outbox(n, traced=True)  # each producer span a child of the request's, as README "Tracing" describes
     with open(LOG, "ab") as log, Timer() as t:
         done = subprocess.run([sys.executable, "manage.py", "relay_outbox", "--until-empty"], cwd=ROOT,
                               env=process_env(**env), stdout=log, stderr=subprocess.PIPE, timeout=120 + n / 200)
