@@ -96,10 +96,12 @@ def deployed(n: int, broker, *, prefix: str | None = None) -> dict:
         database = mariadb_pid()
         committed = []
         backlog.restore(committed=lambda: committed.append((time.perf_counter(), cpu_seconds(database),
-                                                            tree_cpu_seconds(worker.pid))))
+                                                            tree_cpu_seconds(worker.pid),
+                                                            cpu_seconds(broker.process.pid))))
         finished = counter.reached(n, timeout=600, alive=alive)
         database_cpu, relay_cpu = cpu_seconds(database), tree_cpu_seconds(worker.pid)
-        started, database_cpu_before, relay_cpu_before = committed[0]
+        broker_cpu = cpu_seconds(broker.process.pid)
+        started, database_cpu_before, relay_cpu_before, broker_cpu_before = committed[0]
     finally:
         counter.stop()
         warmed.stop()
@@ -114,7 +116,8 @@ def deployed(n: int, broker, *, prefix: str | None = None) -> dict:
     seconds = finished - started
     return {"rate": n / seconds, "seconds": seconds,
             "database_cpu_ms_per_1000": (database_cpu - database_cpu_before) / n * 1e6,
-            "relay_cpu_ms_per_1000": (relay_cpu - relay_cpu_before) / n * 1e6}
+            "relay_cpu_ms_per_1000": (relay_cpu - relay_cpu_before) / n * 1e6,
+            "broker_cpu_ms_per_1000": (broker_cpu - broker_cpu_before) / n * 1e6}
 
 
 def run(n: int, broker, *, token: str, rounds: int = 5) -> dict:
@@ -139,8 +142,9 @@ def run(n: int, broker, *, token: str, rounds: int = 5) -> dict:
         results[f"median_{side}_rate"] = statistics.median(r[side]["rate"] for r in results["rounds"])
         results[f"median_{side}_database_cpu_ms_per_1000"] = statistics.median(
             r[side]["database_cpu_ms_per_1000"] for r in results["rounds"])
-    results["median_relay_cpu_ms_per_1000"] = statistics.median(
-        r["deployed"]["relay_cpu_ms_per_1000"] for r in results["rounds"])
+    for part in ("relay", "broker"):
+        results[f"median_{part}_cpu_ms_per_1000"] = statistics.median(
+            r["deployed"][f"{part}_cpu_ms_per_1000"] for r in results["rounds"])
     backlog.empty_outbox()
     return results
 
@@ -152,8 +156,8 @@ def report_lines(d: dict) -> list[str]:
     lines.append(
         f"- MariaDB CPU per 1,000 events (median of rounds): raw SQL one connection "
         f"{d['median_raw_sql_1_database_cpu_ms_per_1000']:.1f} ms, two {d['median_raw_sql_2_database_cpu_ms_per_1000']:.1f} ms, "
-        f"deployed {d['median_deployed_database_cpu_ms_per_1000']:.1f} ms; the relay's processes "
-        f"{d['median_relay_cpu_ms_per_1000']:.1f} ms")
+        f"deployed {d['median_deployed_database_cpu_ms_per_1000']:.1f} ms; beside it, deployed, the relay's "
+        f"processes {d['median_relay_cpu_ms_per_1000']:.1f} ms and the broker {d['median_broker_cpu_ms_per_1000']:.1f} ms")
     return lines
 
 

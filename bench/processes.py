@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import queue
 import time
 
 
@@ -75,7 +76,13 @@ def in_processes(calls: list[tuple]) -> tuple[list, float, float]:
     database = mariadb_pid()
     barrier.wait(timeout=60)
     started, cpu = time.perf_counter(), cpu_seconds(database)
-    done = [results.get(timeout=600) for _ in children]
+    done = []
+    while len(done) < len(children):
+        try:
+            done.append(results.get(timeout=1))
+        except queue.Empty:
+            if any(child.exitcode not in (None, 0) for child in children):
+                raise RuntimeError("a benchmark process failed; see its traceback above") from None
     seconds, cpu = time.perf_counter() - started, cpu_seconds(database) - cpu
     for child in children:
         child.join(30)

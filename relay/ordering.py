@@ -1,7 +1,7 @@
 """Per-order order: which claimed rows may be published now, and which wait for an earlier row of their order."""
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timezone as dt_timezone
 
 from django.db import connection
 
@@ -28,11 +28,11 @@ def split_by_aggregate_order(
     partition are still written, so a later event must not be in flight beside an earlier one.
     """
     # Earliest pending row of each claimed aggregate that this batch did not claim (usually none), with
-    # the time it is due. The table is asked only when it holds other pending rows before this batch's
-    # last one; the other lanes' batches are known here.
-    first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
-    if _pending_rows_before(rows, other_lanes):
-        first_blocker = _first_blockers_in_table(rows)
+    # the time it is due: from the few pending rows before this batch's last one that no lane holds, read in
+    # one index walk; asked by aggregate only when there are many (an outage's rows in backoff). The other
+    # lanes' batches are known here.
+    earlier = _earlier_pending_rows(rows, other_lanes)
+    first_blocker = _first_blockers_in_table(rows) if earlier is None else _first_blockers_among(rows, earlier)
     for row in other_lanes:
         key = (row.aggregate_type, row.aggregate_id)
         known = first_blocker.get(key)
@@ -63,16 +63,35 @@ def split_by_aggregate_order(
     return ready, held
 
 
-def _pending_rows_before(rows: list[Claimed], other_lanes: list[Claimed]) -> bool:
-    """Whether a pending row other than these precedes the batch's last row (an index-only look-up)."""
+# More pending rows than this before a batch's last row (rows in backoff, say) are not read one by one: the
+# table is asked for the first of each of the batch's orders instead.
+EARLIER_ROWS_READ = 1000
+
+
+def _earlier_pending_rows(rows: list[Claimed], other_lanes: list[Claimed]) -> list[tuple] | None:
+    """(id, aggregate type, aggregate id, available_at) of the pending rows before the batch's last row that
+    neither it nor another lane holds (usually none: rows held back, in backoff, or locked by another relay),
+    in id order; None when there are more than EARLIER_ROWS_READ. The walk is the claim index's: the ids are
+    checked inside it, and only the rows found are read."""
     known = ",".join(str(row.id) for row in (*rows, *other_lanes))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) "
-            f"WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) LIMIT 1",
-            [rows[-1].id],
+            f"SELECT id, aggregate_type, aggregate_id, available_at FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) "
+            f"WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) ORDER BY id LIMIT %s",
+            [rows[-1].id, EARLIER_ROWS_READ + 1],
         )
-        return cursor.fetchone() is not None
+        found = cursor.fetchall()
+    return None if len(found) > EARLIER_ROWS_READ else found
+
+
+def _first_blockers_among(rows: list[Claimed], earlier: list[tuple]) -> dict[tuple[str, str], tuple[int, datetime]]:
+    claimed = {(row.aggregate_type, row.aggregate_id) for row in rows}
+    first_blocker: dict[tuple[str, str], tuple[int, datetime]] = {}
+    for row_id, aggregate_type, aggregate_id, available_at in earlier:  # in id order: the first one stays
+        key = (aggregate_type, aggregate_id)
+        if key in claimed and key not in first_blocker:
+            first_blocker[key] = (row_id, available_at.replace(tzinfo=dt_timezone.utc))  # stored in UTC
+    return first_blocker
 
 
 def _first_blockers_in_table(rows: list[Claimed]) -> dict[tuple[str, str], tuple[int, datetime]]:

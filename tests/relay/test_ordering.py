@@ -14,7 +14,9 @@ from tests.relay.helpers import ORDER, RETRIABLE, TOO_LARGE, TOPIC, enqueue, mak
 
 
 @pytest.mark.django_db
-def test_later_event_waits_behind_one_in_backoff_and_others_flow(producer):
+@pytest.mark.parametrize("earlier_rows_read", [1000, 0], ids=["earlier rows read", "table asked by order"])
+def test_later_event_waits_behind_one_in_backoff_and_others_flow(producer, monkeypatch, earlier_rows_read):
+    monkeypatch.setattr("relay.ordering.EARLIER_ROWS_READ", earlier_rows_read)  # both ways of finding blockers
     producer.failing["1", "OrderCreated"] = RETRIABLE
     enqueue("1", "OrderCreated")
     assert relay_publish_batch().retried == 1
