@@ -229,7 +229,9 @@ class CdcRelay:
                     cause = error
                     while cause is not None and cause.getCause() is not None:
                         cause = cause.getCause()
-                    relay.failure = str(message) + (f" ({cause})" if cause is not None else "")
+                    relay.failure = str(message)
+                    if cause is not None and str(cause.getMessage()) not in relay.failure:
+                        relay.failure += f" ({cause})"
 
         self.consumer = PythonChangeConsumer()
         self.consumer.set_change_handler(Handler())
@@ -249,7 +251,10 @@ class CdcRelay:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.engine.close()
+        try:
+            self.engine.close()
+        except Exception:  # an engine that failed has shut itself down; close() says so
+            logger.debug("the Debezium engine was already stopped", exc_info=True)
 
 
 def relay_cdc_run(*, properties: dict[str, str], should_stop: threading.Event) -> None:
@@ -259,7 +264,7 @@ def relay_cdc_run(*, properties: dict[str, str], should_stop: threading.Event) -
     relay = CdcRelay(properties)
     engine = threading.Thread(target=relay.run, name="debezium-engine", daemon=True)
     engine.start()
-    logger.info("CDC relay started: reading %s", properties.get("table.include.list"))
+    logger.info("CDC relay starting: reading %s", properties.get("table.include.list"))
     next_sweep = time.monotonic() + DEAD_LETTERS_RETRY_EVERY
     while engine.is_alive() and not should_stop.wait(0.5):
         if time.monotonic() >= next_sweep:
