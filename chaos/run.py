@@ -578,7 +578,8 @@ class ChaosRun:
         except Exception:
             traceback.print_exc()
             print("[chaos] could not make sure MariaDB is running: start it with "
-                  "`start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`", flush=True)
+                  "`start-stop-daemon --start --oknodo --background --pidfile /run/mysqld/mysqld.pid "
+                  "--exec /usr/sbin/mariadbd`", flush=True)
         forget_own_pids()
         if self.lock is not None:
             self.lock.close()  # releases the run lock

@@ -67,6 +67,7 @@ def _sample_claimed() -> Claimed:
         id=1, event_id="11111111-2222-3333-4444-555555555555", aggregate_type="order", aggregate_id="42",
         event_type="OrderCreated", payload='{"order_id": "42"}',
         occurred_at=OCCURRED_AT, attempts=0,
+        trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", trace_state="congo=t61rcWkgMzE",
     )
 
 
@@ -84,7 +85,7 @@ def _relay_header_columns() -> dict[str, str]:
     row = _sample_claimed()
     by_value = {
         row.event_id: "event_id", row.aggregate_type: "aggregate_type", row.aggregate_id: "aggregate_id",
-        row.event_type: "event_type",
+        row.event_type: "event_type", row.trace_parent: "trace_parent", row.trace_state: "trace_state",
     }
     columns = {}
     for name, value in row.headers().items():
@@ -183,11 +184,11 @@ def test_topic_key_and_value_match_the_relay(connector):
     # Key: the aggregate id as a plain UTF-8 string.
     assert connector[SMT + "table.field.event.key"] == "aggregate_id"
     assert connector["key.converter"] == "org.apache.kafka.connect.storage.StringConverter"
-    # Value: the payload JSON itself, neither wrapped in a schema envelope nor double-encoded as a string.
+    # Value: the payload's JSON text as stored, the relay's bytes: not parsed and serialized again, not wrapped
+    # in a schema envelope, not double-encoded as a JSON string.
     assert connector[SMT + "table.field.event.payload"] == "payload"
-    assert connector[SMT + "table.expand.json.payload"] == "true"
-    assert connector["value.converter"] == "org.apache.kafka.connect.json.JsonConverter"
-    assert connector["value.converter.schemas.enable"] == "false"
+    assert connector[SMT + "table.expand.json.payload"] == "false"
+    assert connector["value.converter"] == "org.apache.kafka.connect.storage.StringConverter"
     # Headers as plain strings.
     assert connector["header.converter"] == "org.apache.kafka.connect.storage.SimpleHeaderConverter"
 
@@ -195,7 +196,7 @@ def test_topic_key_and_value_match_the_relay(connector):
 def test_headers_are_the_ones_the_relay_sends(connector):
     relay = _relay_header_columns()
     assert set(relay) == {"id", "eventType", "aggregateType", "aggregateId", "occurredAt",
-                          "ce_id", "ce_type", "ce_time", "ce_subject"}
+                          "ce_id", "ce_type", "ce_time", "ce_subject", "traceparent", "tracestate"}
     assert _cdc_header_columns(connector) == relay
     relay_constants = _relay_constant_headers()
     assert {**relay_constants, "ce_source": CONSTANT_HEADERS["ce_source"]} == _cdc_constant_headers(connector)
