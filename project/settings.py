@@ -235,17 +235,6 @@ LOGGING = {
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 CELERY_BEAT_SCHEDULE = {
-    # Safety net behind the on-commit wake-up; expires so ticks never queue up while workers are down.
-    "relay-outbox": {
-        "task": "relay.tasks.relay_outbox",
-        "schedule": OUTBOX_POLL_INTERVAL,
-        "options": {"expires": OUTBOX_POLL_INTERVAL},
-    },
-    "retry-undelivered-dead-letters": {
-        "task": "relay.tasks.retry_dead_letters",
-        "schedule": 60.0,
-        "options": {"expires": 60.0},
-    },
     "purge-processed-events": {
         "task": "inbox.tasks.purge_processed_events",
         "schedule": 3600.0,
@@ -257,6 +246,21 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 300.0},
     },
 }
+
+if OUTBOX_RELAY_ENABLED:  # off: relay_cdc publishes, and runs the DLQ sweeper itself
+    CELERY_BEAT_SCHEDULE |= {
+        # Safety net behind the on-commit wake-up; expires so ticks never queue up while workers are down.
+        "relay-outbox": {
+            "task": "relay.tasks.relay_outbox",
+            "schedule": OUTBOX_POLL_INTERVAL,
+            "options": {"expires": OUTBOX_POLL_INTERVAL},
+        },
+        "retry-undelivered-dead-letters": {
+            "task": "relay.tasks.retry_dead_letters",
+            "schedule": 60.0,
+            "options": {"expires": 60.0},
+        },
+    }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Order service API",
