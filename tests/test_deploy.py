@@ -358,3 +358,16 @@ def test_dockerfile_copies_every_local_app_and_runs_unprivileged():
     assert users and users[-1] not in {"root", "0"}
     cmd = json.loads(re.findall(r"^CMD (.+)$", text, flags=re.MULTILINE)[-1])
     assert cmd[:2] == PROCESSES["web"]
+
+
+def test_dockerfile_cdc_target_adds_the_engine_and_the_default_image_stays_without():
+    stages = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]
+    named = {stage.split()[2] if " AS " in stage.splitlines()[0] else None: stage for stage in stages}
+    cdc, default = named["cdc"], stages[-1]
+    assert "requirements-cdc.txt" in named["build-cdc"] and "--require-hashes" in named["build-cdc"]
+    assert "COPY --from=build-cdc /opt/venv" in cdc
+    assert "default-jre-headless" in cdc and "libmariadb-java" in cdc
+    assert "deploy/debezium/outbox-connector.json" in cdc
+    assert re.findall(r"^USER (\S+)", cdc, flags=re.MULTILINE)[-1] == "app"
+    assert json.loads(re.findall(r"^CMD (.+)$", cdc, flags=re.MULTILINE)[-1]) == ["python", "manage.py", "relay_cdc"]
+    assert " AS " not in default.splitlines()[0] and "cdc" not in default and "java" not in default
