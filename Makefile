@@ -50,10 +50,11 @@ test: install install-cdc $(ASYNCAPI_TOOLS)
 	scripts/test $(TEST_ARGS)
 
 # The lock, shared: the suite's database-restart tests (scripts/test) wait for the benchmarks, and the other way round.
-bench: install
+bench: install install-cdc
 	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-bench.txt
 	command -v wrk >/dev/null || scripts/system-deps wrk
 	PYTHONPATH=. flock --shared /tmp/orders-outbox-mariadb-restart.lock $(VENV)/bin/python -m bench.run $(BENCH_ARGS)
+	PYTHONPATH=. $(VENV)/bin/python -m bench.cdc $(BENCH_CDC_ARGS)  # relay_cdc beside the relay: docs/benchmarks-cdc.md
 
 chaos: install
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run $(CHAOS_ARGS)
