@@ -26,9 +26,9 @@ from ops import metrics
 from outbox.models import OutboxEvent
 
 from . import kafka
-from .claim import Claimed, _uuid_text
+from .claim import Claimed, uuid_text
 from .dead_letters import dead_letter
-from .publish import _sort_outcomes
+from .publish import sort_outcomes
 from .retries import backoff_delay
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,6 @@ def engine_properties(connector: dict[str, str]) -> dict[str, str]:
     """The embedded engine's part: where positions are kept, and what the handler needs to rebuild rows."""
     database = connector.get("database.include.list", "").split(",")[0]
     url = f"jdbc:mariadb://{connector.get('database.hostname')}:{connector.get('database.port')}/{database}"
-    login = {"user": connector.get("database.user", ""), "password": connector.get("database.password", "")}
     return {
         # MariaDB's driver (Debian's libmariadb-java, on the classpath): it speaks to MySQL and MariaDB alike, where
         # the MySQL driver bundled with the engine asks MariaDB for a variable it lacks (transaction_isolation).
@@ -87,8 +86,8 @@ def engine_properties(connector: dict[str, str]) -> dict[str, str]:
         # move with a restore of that database. A Kafka Connect worker keeps them in a Kafka topic instead.
         "offset.storage": "io.debezium.storage.jdbc.offset.JdbcOffsetBackingStore",
         "offset.storage.jdbc.connection.url": url,
-        "offset.storage.jdbc.connection.user": login["user"],
-        "offset.storage.jdbc.connection.password": login["password"],
+        "offset.storage.jdbc.connection.user": connector.get("database.user", ""),
+        "offset.storage.jdbc.connection.password": connector.get("database.password", ""),
         # How many seconds of acknowledged batches a crash may publish again.
         "offset.flush.interval.ms": str(int(settings.OUTBOX_CDC_POSITION_EVERY * 1000)),
         # occurred_at to the microsecond (the relay's occurredAt has microseconds); Kafka Connect's header converter
@@ -103,7 +102,7 @@ def claimed_from_record(record) -> Claimed:
     trace_parent, trace_state = headers.get("traceparent"), headers.get("tracestate")
     return Claimed(
         id=0,  # the EventRouter does not pass the primary key on; only a dead letter needs it (looked up then)
-        event_id=_uuid_text(str(headers["id"])),  # Django's char(32) on MySQL: the relay sends the dashed form
+        event_id=uuid_text(str(headers["id"])),  # Django's char(32) on MySQL: the relay sends the dashed form
         aggregate_type=str(headers["aggregateType"]),
         aggregate_id=str(record.key()),
         event_type=str(headers["eventType"]),
@@ -134,7 +133,7 @@ def cdc_publish(rows: list[Claimed], *, stopping: threading.Event) -> None:
     while pending:
         sending = _first_of_each_order(pending) if one_per_order else pending
         deliveries = kafka.publish([row.message() for row in sending], timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
-        acked, _behind, failed = _sort_outcomes(sending, deliveries)
+        acked, _behind, failed = sort_outcomes(sending, deliveries)
         refused = [(row, delivery) for row, delivery in failed if not delivery.retriable]
         metrics.OUTBOX_PUBLISHED.inc(len(acked))
         if refused:
