@@ -56,7 +56,7 @@ bench: install install-cdc
 	PYTHONPATH=. flock --shared /tmp/orders-outbox-mariadb-restart.lock $(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 	PYTHONPATH=. $(VENV)/bin/python -m bench.cdc $(BENCH_CDC_ARGS)  # relay_cdc beside the relay: docs/benchmarks-cdc.md
 
-chaos: install
+chaos: install install-cdc
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run $(CHAOS_ARGS)
 
 # Against a mock cluster of three brokers: leader moves, a broker down, injected produce and consumer errors, fatal
@@ -65,7 +65,7 @@ chaos-cluster: install
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run --cluster $(CHAOS_ARGS)
 
 # The direct publish the outbox replaces (acks=1, then acks=all), and the outbox, under the same faults.
-chaos-compare: install
+chaos-compare: install install-cdc
 	PYTHONPATH=. $(VENV)/bin/python -m chaos.run --compare --quick $(CHAOS_ARGS)
 
 clean:

@@ -39,6 +39,8 @@ LOG4J_CONFIG = Path(__file__).with_name("cdc_log4j2.properties")
 # Seconds between runs of the DLQ sweeper in this process: under CDC it retries the DLQ publishes of the events
 # relay_cdc dead-lettered, as beat does for the Celery relay.
 DEAD_LETTERS_RETRY_EVERY = 60.0
+# Debezium's message when the position is kept but the schema history is not.
+HISTORY_MISSING = "The db history topic is missing"
 
 
 class ConnectorConfigError(Exception):
@@ -267,7 +269,25 @@ class CdcRelay:
 
 
 def relay_cdc_run(*, properties: dict[str, str], should_stop: threading.Event) -> None:
-    """Run the engine until should_stop is set (exits cleanly) or the engine fails (raises RuntimeError)."""
+    """Run the engine until should_stop is set (exits cleanly) or the engine fails (raises RuntimeError).
+
+    One failure is repaired on the spot: a schema history the broker lost (a topic deleted, a broker that kept it
+    in memory) while the position survived. The engine is started again once with snapshot.mode=recovery, which
+    rebuilds the history from the outbox table's current structure and goes on from the recorded position,
+    as Debezium's own message advises. (Sound while no migration changed the table since that position.)
+    """
+    failure = _run_engine(properties, should_stop)
+    if failure is not None and HISTORY_MISSING in failure and not should_stop.is_set():
+        logger.warning("CDC relay: the connector's schema history is gone from the broker while its position is "
+                       "kept; rebuilding the history from the table's current structure (snapshot.mode=recovery)")
+        failure = _run_engine({**properties, "snapshot.mode": "recovery"}, should_stop)
+    if failure is not None:
+        raise RuntimeError(f"the Debezium engine stopped: {failure}")
+    kafka.producer.flush(5.0)
+
+
+def _run_engine(properties: dict[str, str], should_stop: threading.Event) -> str | None:
+    """Run one engine until should_stop is set (None) or it fails (its reason)."""
     from .dead_letters import dead_letters_retry
 
     relay = CdcRelay(properties)
@@ -285,6 +305,4 @@ def relay_cdc_run(*, properties: dict[str, str], should_stop: threading.Event) -
                 connection.close()
     relay.stop()
     engine.join(30)
-    if not should_stop.is_set():
-        raise RuntimeError(f"the Debezium engine stopped: {relay.failure or 'no reason given'}")
-    kafka.producer.flush(5.0)
+    return None if should_stop.is_set() else relay.failure or "no reason given"

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from datetime import datetime
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from tests.cdc_tools import PROJECT, BinlogDatabase, outbox_insert
@@ -46,7 +47,7 @@ def cdc_broker():
 def cdc(binlog_db, cdc_broker):
     """A clean slate (no rows, no position, no schema history), and a way to start relay_cdc processes."""
     binlog_db.reset()
-    AdminClient({"bootstrap.servers": cdc_broker.bootstrap}).delete_topics([HISTORY_TOPIC])
+    delete_history(cdc_broker)
     started: list[subprocess.Popen] = []
 
     def start(**env: str) -> subprocess.Popen:
@@ -66,6 +67,15 @@ def cdc(binlog_db, cdc_broker):
         if process.poll() is None:
             process.kill()
             process.wait(30)
+
+
+def delete_history(broker) -> None:
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    try:
+        admin.delete_topics([HISTORY_TOPIC])[HISTORY_TOPIC].result(10)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise
 
 
 def published(broker, keys, *, count: int, timeout: float = 60.0):
@@ -219,3 +229,25 @@ def _assert_order_per_key(records) -> None:
             firsts[record.key].append(json.loads(record.value).get("n", 0))
     for key, numbers in firsts.items():
         assert numbers == sorted(numbers), key
+
+
+def test_a_schema_history_the_broker_lost_is_rebuilt_and_it_goes_on_from_its_position(cdc, binlog_db, cdc_broker):
+    keys = [f"history-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
+    relay_cdc = cdc()
+    with binlog_db.connect() as db:
+        before = [outbox_insert(db, order_id=key) for key in keys]
+    published(cdc_broker, keys, count=len(before))
+    time.sleep(1.5)  # its position recorded
+    relay_cdc.send_signal(signal.SIGTERM)
+    assert relay_cdc.wait(60) == 0
+    # What a broker that keeps topics in memory does when it restarts (or an operator deleting the topic).
+    delete_history(cdc_broker)
+    with binlog_db.connect() as db:
+        after = [outbox_insert(db, order_id=key) for key in keys]
+    relay_cdc = cdc()
+    records = published(cdc_broker, keys, count=len(before + after))
+    ids = Counter(r.headers["id"] for r in records)
+    assert set(ids) == set(before + after)
+    assert all(ids[event_id] == 1 for event_id in before)  # from its position: no snapshot published them again
+    assert relay_cdc.poll() is None
+    assert "rebuilding the history from the table's current structure" in relay_cdc.log_path.read_text()
