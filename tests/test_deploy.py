@@ -265,7 +265,7 @@ def test_settings_env_names_are_found():
 def test_compose_has_the_stack(compose):
     services = compose["services"]
     assert {"kafka", "mysql", "redis", "web", "worker", "beat", "consumer", "migrate"} <= set(services)
-    assert {name for name, service in services.items() if "build" in service} == APP_SERVICES
+    assert {name for name, service in services.items() if "build" in service} == APP_SERVICES | {"relay-cdc"}
     for name in ("kafka", "mysql", "redis"):
         assert "healthcheck" in services[name], name
 
@@ -340,6 +340,21 @@ def test_compose_cdc_profile_matches_the_connector(compose, connector):
             assert var in env, f"{key} needs {var} in the connect service"
     assert env["CONNECT_CONFIG_PROVIDERS"] == "env"
     assert env["CONNECT_CONNECTOR_CLIENT_CONFIG_OVERRIDE_POLICY"] == "All"
+
+
+def test_compose_relay_cdc_service_runs_the_connector_from_the_cdc_image(compose, connector):
+    services = compose["services"]
+    relay_cdc = services["relay-cdc"]
+    assert relay_cdc["profiles"] == ["relay-cdc"]
+    assert relay_cdc["build"]["target"] == "cdc"
+    assert _command(relay_cdc) == ["python", "manage.py", "relay_cdc"]
+    env = _environment(relay_cdc)
+    assert {k: v for k, v in env.items() if k in _environment(services["web"])} == _environment(services["web"])
+    for key, value in connector.items():
+        for var in re.findall(r"\$\{env:([A-Za-z0-9_]+)\}", value):
+            # BOOTSTRAP_SERVERS defaults to the app's KAFKA_BOOTSTRAP_SERVERS.
+            assert var in env or var == "BOOTSTRAP_SERVERS", f"{key} needs {var} in the relay-cdc service"
+    assert "relay-cdc" in services["cdc-db-user"]["profiles"]
 
 
 # --- Dockerfile --------------------------------------------------------------------------------------
