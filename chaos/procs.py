@@ -196,6 +196,20 @@ class ChaosBroker(Broker):
 MARIADBD = "/usr/sbin/mariadbd"
 
 
+# The shared server is known by its pid file (and reached by its default socket), never by its executable's
+# name: another mariadbd on the machine (the CDC tests' binlog server, another project's) is not it. Looking for
+# "any mariadbd" waited for a stop that had happened, and made start-stop-daemon start nothing.
+def shared_pid_file() -> pathlib.Path:
+    """The pid file the server's configuration names (my_print_defaults reads what mariadbd reads)."""
+    try:
+        options = subprocess.run(["my_print_defaults", "--mysqld"], capture_output=True, text=True,
+                                 timeout=10).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        options = []
+    named = [option.split("=", 1)[1] for option in options if option.startswith("--pid-file=")]
+    return pathlib.Path(named[-1] if named else "/run/mysqld/mysqld.pid")
+
+
 def mariadb_ping(timeout: float = 10) -> bool:
     try:
         return subprocess.run(["mariadb-admin", "-uroot", "--connect-timeout=2", "ping"], stdin=subprocess.DEVNULL,
@@ -205,14 +219,12 @@ def mariadb_ping(timeout: float = 10) -> bool:
 
 
 def mariadbd_running() -> bool:
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "exe").resolve() == pathlib.Path(MARIADBD):
-                    return True
-            except OSError:
-                continue
-    return False
+    """Whether the shared server's process (the pid in its pid file) is alive."""
+    try:
+        pid = int(shared_pid_file().read_text().strip())
+        return pathlib.Path(f"/proc/{pid}/exe").resolve() == pathlib.Path(MARIADBD)
+    except (OSError, ValueError):
+        return False
 
 
 def mariadb_stop(timeout: float = 120) -> None:
@@ -222,7 +234,9 @@ def mariadb_stop(timeout: float = 120) -> None:
 
 
 def mariadb_start(timeout: float = 120) -> None:
-    subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", MARIADBD],
+    # --pidfile: "already running" means this server's pid is alive, not that some mariadbd is.
+    subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--pidfile", str(shared_pid_file()),
+                    "--exec", MARIADBD],
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    start_new_session=True, check=True, timeout=30)
     wait_for(mariadb_ping, timeout=timeout, interval=0.3, message="mariadb-admin ping")

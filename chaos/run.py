@@ -52,6 +52,7 @@ from chaos.mock_cluster import MockCluster
 from chaos.procs import (ROOT, VENV_BIN, AnotherRun, ChaosBroker, Proc, acquire_run_lock, forget_own_pids,
                          kill_leftovers, mariadb_ensure_running, mariadb_start, mariadb_stop)
 from chaos.report import Database, build_report, expected_events, projection_mismatches
+from tests.cdc_tools import BinlogDatabase
 from tests.kafka_tools import free_port
 
 TOPIC = "outbox.event.order"
@@ -70,7 +71,7 @@ COMPARE_FAULTS = ["web", "broker", "database", "web", "broker"]
 COMPARE_BROKER_DOWN = 15.0
 BASELINES = {"acks1": "1", "acksall": "all"}  # --baseline: chaos.direct_publish's CHAOS_DIRECT_PUBLISH_ACKS
 VARIANTS = {"acks1": "(a) direct publish, acks=1", "acksall": "(b) direct publish, acks=all + idempotence",
-            None: "(c) the outbox"}
+            None: "(c) the outbox", "cdc": "(d) the outbox, relay_cdc"}
 
 PRODUCT_ENV = {
     "DJANGO_DEBUG": "0",
@@ -107,13 +108,17 @@ class ChaosRun:
     def __init__(self, args):
         self.args = args
         self.baseline = args.baseline  # None: the product; else the direct-publish baseline it replaces
+        # --cdc: the product with relay_cdc publishing instead of the Celery relay, on a binlog MariaDB of the run's
+        # own (the shared server has no binlog); the database fault restarts that one.
+        self.binlog = BinlogDatabase() if args.cdc else None
+        self.database_url = self.binlog.url if self.binlog else DATABASE_URL
         self.report = None
         self.run_id = time.strftime("%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.log_dir = ROOT / ".run" / "chaos" / self.run_id
         self.group_id = f"chaos-{self.run_id}"
         self.started = time.monotonic()
         self.t0: float | None = None  # when the load started
-        self.db = Database(DATABASE_URL)
+        self.db = Database(self.database_url)
         self.broker: ChaosBroker | None = None
         self.checker: TopicChecker | None = None
         self.load: Load | None = None
@@ -147,12 +152,14 @@ class ChaosRun:
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
             "DJANGO_SETTINGS_MODULE": "project.settings",
             "DJANGO_SECRET_KEY": secrets.token_urlsafe(40),
-            "DATABASE_URL": DATABASE_URL,
+            "DATABASE_URL": self.database_url,
             "CELERY_BROKER_URL": CELERY_BROKER_URL,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "INBOX_GROUP_ID": self.group_id,
             "PYTHONUNBUFFERED": "1",
         })
+        if self.binlog:
+            env.update(self.binlog.env(), OUTBOX_RELAY_ENABLED="0")
         return env
 
     def manage(self, *argv: str, timeout: float = 300) -> str:
@@ -164,14 +171,17 @@ class ChaosRun:
 
     def prepare_database(self) -> str:
         """A fresh database of our own, migrated, with a user and a DRF token. Returns the token."""
-        connection = MySQLdb.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=10)
-        try:
-            connection.cursor().execute("DROP DATABASE IF EXISTS `orders_chaos`")
-        finally:
-            connection.close()
-        subprocess.run([str(VENV_BIN / "python"), str(ROOT / "scripts" / "ensure_database.py")], cwd=ROOT,
-                       env=self.env, check=True, stdout=subprocess.DEVNULL, timeout=60)
-        self.manage("migrate", "--noinput")
+        if self.binlog:
+            self.binlog.install()
+        else:
+            connection = MySQLdb.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=10)
+            try:
+                connection.cursor().execute("DROP DATABASE IF EXISTS `orders_chaos`")
+            finally:
+                connection.close()
+            subprocess.run([str(VENV_BIN / "python"), str(ROOT / "scripts" / "ensure_database.py")], cwd=ROOT,
+                           env=self.env, check=True, stdout=subprocess.DEVNULL, timeout=60)
+            self.manage("migrate", "--noinput")
         out = self.manage("shell", "-c", (
             "from django.contrib.auth import get_user_model\n"
             "from rest_framework.authtoken.models import Token\n"
@@ -189,7 +199,9 @@ class ChaosRun:
         wsgi = "chaos.direct_publish:application" if self.baseline else "project.wsgi"
         proc("web", str(VENV_BIN / "gunicorn"), wsgi, "--bind", f"127.0.0.1:{port}", "--workers", "2",
              "--access-logfile", "-")
-        if not self.baseline:  # the baseline publishes from the web process: no relay
+        if self.binlog:
+            proc("relay", str(VENV_BIN / "python"), "manage.py", "relay_cdc")
+        elif not self.baseline:  # the baseline publishes from the web process: no relay
             proc("worker", str(VENV_BIN / "celery"), "-A", "project", "worker", "--loglevel", "INFO",
                  "--without-mingle", "--without-gossip", "--concurrency", "2")
             proc("beat", str(VENV_BIN / "celery"), "-A", "project", "beat", "--loglevel", "INFO",
@@ -225,7 +237,7 @@ class ChaosRun:
     def monitor(self) -> None:
         while not self._monitor_stop.wait(10):
             try:
-                pending = self.db.pending()
+                pending = 0 if self.binlog else self.db.pending()  # relay_cdc marks nothing sent
                 applied = len(self.applied_ids())
                 db = f"pending={pending} applied={applied}"
             except Exception:
@@ -243,6 +255,9 @@ class ChaosRun:
         self.procs[name].start()
 
     def fault_worker(self) -> str:
+        if self.binlog:
+            self._kill_and_restart("relay")
+            return "relay_cdc SIGKILLed, restarted after 3 s"
         self._kill_and_restart("worker")
         return "Celery worker process group SIGKILLed, restarted after 3 s"
 
@@ -255,6 +270,15 @@ class ChaosRun:
         return "consumer SIGKILLed, restarted after 3 s"
 
     def fault_database(self) -> str:
+        if self.binlog:
+            begin = time.monotonic()
+            self.binlog.stop()
+            stopped = time.monotonic() - begin
+            time.sleep(3)
+            begin = time.monotonic()
+            self.binlog.start()
+            return (f"the run's binlog MariaDB shut down ({stopped:.1f} s), down 3 s, started again (answering after "
+                    f"{time.monotonic() - begin:.1f} s)")
         begin = time.monotonic()
         mariadb_stop()
         stopped = time.monotonic() - begin
@@ -264,7 +288,8 @@ class ChaosRun:
         return f"MariaDB shut down ({stopped:.1f} s), down 3 s, started again (answering after {time.monotonic() - begin:.1f} s)"
 
     def fault_broker(self) -> str:
-        worker = self.procs["web" if self.baseline else "worker"]  # the process that produces to the topic
+        # The process that produces to the topic.
+        worker = self.procs["web" if self.baseline else "relay" if self.binlog else "worker"]
         gated = not self.args.ungated_broker_kill
         note = ""
         if gated:
@@ -472,7 +497,7 @@ class ChaosRun:
 
         self.say("reading the results")
         report = build_report(load=self.load, records=self.checker.snapshot(), db=self.db, group_id=self.group_id,
-                              outbox=not self.baseline)
+                              outbox=not self.baseline, marks_sent=not self.binlog)
         self.report = report
         return self.summary(report, drained=drained, load_seconds=load_seconds)
 
@@ -485,7 +510,7 @@ class ChaosRun:
         last_projection, stable_since = None, time.monotonic()
         while time.monotonic() - begin < timeout:
             try:
-                pending = self.db.pending()
+                pending = 0 if self.binlog else self.db.pending()  # relay_cdc marks nothing sent
                 projection = self.db.projection(self.load.customer_ids)
             except Exception:
                 time.sleep(1)
@@ -496,7 +521,7 @@ class ChaosRun:
             complete = pending == 0 and expected <= seen
             if complete and not projection_mismatches(truth, projection):
                 time.sleep(5)  # stays so: no late double application
-                if self.db.projection(self.load.customer_ids) == projection and self.db.pending() == 0:
+                if self.db.projection(self.load.customer_ids) == projection and (self.binlog or self.db.pending() == 0):
                     took = time.monotonic() - begin
                     self.say(f"drained in {took:.1f} s: nothing pending, every event seen, projection stable")
                     return f"drained in {took:.0f} s"
@@ -514,7 +539,8 @@ class ChaosRun:
     def summary(self, report, *, drained: str, load_seconds: float) -> int:
         took = time.monotonic() - self.started
         print("\n" + "=" * 100)
-        variant = f"{VARIANTS[self.baseline]}  " if self.args.compare or self.baseline else ""
+        variant = (f"{VARIANTS['cdc' if self.binlog else self.baseline]}  "
+                   if self.args.compare or self.baseline or self.binlog else "")
         print(f"CHAOS RUN {self.run_id}  {variant}({'quick' if self.args.quick else 'full'}; load {load_seconds:.0f} s at "
               f"{self.args.rate:g} orders/s; {drained}; total {took:.0f} s)")
         print("=" * 100)
@@ -570,6 +596,8 @@ class ChaosRun:
                 self.broker.stop()
             except Exception:
                 traceback.print_exc()
+        if self.binlog is not None:
+            self.binlog.destroy()
         if self.lock is None:
             return  # another run holds the machine: nothing of ours to clean up
         try:
@@ -578,7 +606,8 @@ class ChaosRun:
         except Exception:
             traceback.print_exc()
             print("[chaos] could not make sure MariaDB is running: start it with "
-                  "`start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`", flush=True)
+                  "`start-stop-daemon --start --oknodo --background --pidfile /run/mysqld/mysqld.pid "
+                  "--exec /usr/sbin/mariadbd`", flush=True)
         forget_own_pids()
         if self.lock is not None:
             self.lock.close()  # releases the run lock
@@ -620,16 +649,23 @@ def parse_args(argv=None):
     parser.add_argument("--baseline", choices=sorted(BASELINES),
                         help="run the approach the product replaces instead (chaos.direct_publish: commit, then "
                              "publish from a thread of the web process) with acks=1 or acks=all + idempotence")
+    parser.add_argument("--cdc", action="store_true",
+                        help="the outbox published by relay_cdc (Debezium) instead of the Celery relay, on a binlog "
+                             "MariaDB of the run's own; the worker fault kills relay_cdc, the database fault restarts "
+                             "that server")
     parser.add_argument("--compare", action="store_true",
                         help="run (a) the baseline with acks=1, (b) with acks=all + idempotence, (c) the outbox, "
-                             f"under the same faults (default {','.join(COMPARE_FAULTS)}), and print them side by side")
+                             "(d) the outbox published by relay_cdc, under the same faults (default "
+                             f"{','.join(COMPARE_FAULTS)}), and print them side by side")
     args = parser.parse_args(argv)
     kinds = {"worker", "consumer", "database", "web"} | (CLUSTER_KINDS if args.cluster else {"broker"})
     unknown = set(args.faults or []) - kinds
     if unknown:
         parser.error(f"unknown fault kind(s){' with --cluster' if args.cluster else ''}: {', '.join(sorted(unknown))}")
-    if args.cluster and (args.baseline or args.compare):
-        parser.error("--cluster runs the outbox only")
+    if args.cluster and (args.baseline or args.compare or args.cdc):
+        parser.error("--cluster runs the outbox with the Celery relay only")
+    if args.cdc and args.baseline:
+        parser.error("--cdc runs the outbox, not a baseline")
     if (args.baseline or args.compare) and "worker" in (args.faults or []):
         parser.error("the baseline has no Celery worker to kill: use the web fault")
     if args.broker_down is None:
@@ -644,25 +680,26 @@ def compare(args) -> int:
     figures are all 0 (the baselines' figures are whatever they are)."""
     args.faults = args.faults or COMPARE_FAULTS
     reports = {}
-    for baseline in ("acks1", "acksall", None):
-        args.baseline = baseline
+    for variant in ("acks1", "acksall", None, "cdc"):
+        args.baseline, args.cdc = (None, True) if variant == "cdc" else (variant, False)
         run = ChaosRun(args)
         try:
             run.run()
         except Harness as exc:
-            print(f"[chaos] the {VARIANTS[baseline]} run could not be carried out: {exc}", flush=True)
+            print(f"[chaos] the {VARIANTS[variant]} run could not be carried out: {exc}", flush=True)
             return 2
         finally:
             run.cleanup()
-        reports[baseline] = run.report
+        reports[variant] = run.report
     print("\n" + "=" * 100)
     print(f"CHAOS COMPARISON (load {args.seconds:.0f} s at {args.rate:g} orders/s each; faults "
-          f"{', '.join(args.faults)}; the same checker for all three)")
+          f"{', '.join(args.faults)}; the same checker for all four)")
     print("=" * 100)
     print(comparison_table(reports))
-    outbox = reports[None]
-    print(f"\nCHAOS COMPARISON RESULT: {'PASS' if outbox.passed else 'FAIL'} (the outbox's must-be-zero figures)")
-    return 0 if outbox.passed else 1
+    passed = reports[None].passed and reports["cdc"].passed
+    print(f"\nCHAOS COMPARISON RESULT: {'PASS' if passed else 'FAIL'} (the outbox's must-be-zero figures, with either "
+          "relay)")
+    return 0 if passed else 1
 
 
 def comparison_table(reports: dict) -> str:

@@ -87,11 +87,19 @@ def failed_event_requeue(*, failed_events, user) -> int:
 
 
 def outbox_purge_sent(*, older_than: timedelta | None = None, batch_size: int | None = None) -> int:
-    """Delete sent rows past retention, in small committed batches so the relay is never blocked long."""
+    """Delete sent rows past retention, in small committed batches so the relay is never blocked long.
+
+    With the Celery relay off (OUTBOX_RELAY_ENABLED=0: relay_cdc publishes from the binlog), rows are never marked
+    sent: pending rows that occurred before the cutoff go instead. That loses nothing even when relay_cdc lags:
+    what it publishes is the binlog's insert, not the row, and it skips deletes.
+    """
     older_than = older_than if older_than is not None else timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
     batch_size = batch_size or settings.OUTBOX_PURGE_BATCH_SIZE
     cutoff = timezone.now() - older_than
-    old_sent = OutboxEvent.objects.filter(status=OutboxEvent.Status.SENT, published_at__lt=cutoff).exclude(
-        failures__isnull=False  # requeued events keep their history
-    )
-    return delete_in_batches(old_sent, batch_size=batch_size)
+    if settings.OUTBOX_RELAY_ENABLED:
+        old = OutboxEvent.objects.filter(status=OutboxEvent.Status.SENT, published_at__lt=cutoff)
+    else:
+        # In id order through the claim index: the oldest rows come first, so a batch reads about what it deletes.
+        old = OutboxEvent.objects.filter(status=OutboxEvent.Status.PENDING, occurred_at__lt=cutoff).order_by("id")
+    old = old.exclude(failures__isnull=False)  # requeued events keep their history
+    return delete_in_batches(old, batch_size=batch_size)

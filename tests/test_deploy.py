@@ -67,6 +67,7 @@ def _sample_claimed() -> Claimed:
         id=1, event_id="11111111-2222-3333-4444-555555555555", aggregate_type="order", aggregate_id="42",
         event_type="OrderCreated", payload='{"order_id": "42"}',
         occurred_at=OCCURRED_AT, attempts=0,
+        trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", trace_state="congo=t61rcWkgMzE",
     )
 
 
@@ -84,7 +85,7 @@ def _relay_header_columns() -> dict[str, str]:
     row = _sample_claimed()
     by_value = {
         row.event_id: "event_id", row.aggregate_type: "aggregate_type", row.aggregate_id: "aggregate_id",
-        row.event_type: "event_type",
+        row.event_type: "event_type", row.trace_parent: "trace_parent", row.trace_state: "trace_state",
     }
     columns = {}
     for name, value in row.headers().items():
@@ -183,11 +184,11 @@ def test_topic_key_and_value_match_the_relay(connector):
     # Key: the aggregate id as a plain UTF-8 string.
     assert connector[SMT + "table.field.event.key"] == "aggregate_id"
     assert connector["key.converter"] == "org.apache.kafka.connect.storage.StringConverter"
-    # Value: the payload JSON itself, neither wrapped in a schema envelope nor double-encoded as a string.
+    # Value: the payload's JSON text as stored, the relay's bytes: not parsed and serialized again, not wrapped
+    # in a schema envelope, not double-encoded as a JSON string.
     assert connector[SMT + "table.field.event.payload"] == "payload"
-    assert connector[SMT + "table.expand.json.payload"] == "true"
-    assert connector["value.converter"] == "org.apache.kafka.connect.json.JsonConverter"
-    assert connector["value.converter.schemas.enable"] == "false"
+    assert connector[SMT + "table.expand.json.payload"] == "false"
+    assert connector["value.converter"] == "org.apache.kafka.connect.storage.StringConverter"
     # Headers as plain strings.
     assert connector["header.converter"] == "org.apache.kafka.connect.storage.SimpleHeaderConverter"
 
@@ -195,7 +196,7 @@ def test_topic_key_and_value_match_the_relay(connector):
 def test_headers_are_the_ones_the_relay_sends(connector):
     relay = _relay_header_columns()
     assert set(relay) == {"id", "eventType", "aggregateType", "aggregateId", "occurredAt",
-                          "ce_id", "ce_type", "ce_time", "ce_subject"}
+                          "ce_id", "ce_type", "ce_time", "ce_subject", "traceparent", "tracestate"}
     assert _cdc_header_columns(connector) == relay
     relay_constants = _relay_constant_headers()
     assert {**relay_constants, "ce_source": CONSTANT_HEADERS["ce_source"]} == _cdc_constant_headers(connector)
@@ -264,7 +265,7 @@ def test_settings_env_names_are_found():
 def test_compose_has_the_stack(compose):
     services = compose["services"]
     assert {"kafka", "mysql", "redis", "web", "worker", "beat", "consumer", "migrate"} <= set(services)
-    assert {name for name, service in services.items() if "build" in service} == APP_SERVICES
+    assert {name for name, service in services.items() if "build" in service} == APP_SERVICES | {"relay-cdc"}
     for name in ("kafka", "mysql", "redis"):
         assert "healthcheck" in services[name], name
 
@@ -341,6 +342,21 @@ def test_compose_cdc_profile_matches_the_connector(compose, connector):
     assert env["CONNECT_CONNECTOR_CLIENT_CONFIG_OVERRIDE_POLICY"] == "All"
 
 
+def test_compose_relay_cdc_service_runs_the_connector_from_the_cdc_image(compose, connector):
+    services = compose["services"]
+    relay_cdc = services["relay-cdc"]
+    assert relay_cdc["profiles"] == ["relay-cdc"]
+    assert relay_cdc["build"]["target"] == "cdc"
+    assert _command(relay_cdc) == ["python", "manage.py", "relay_cdc"]
+    env = _environment(relay_cdc)
+    assert {k: v for k, v in env.items() if k in _environment(services["web"])} == _environment(services["web"])
+    for key, value in connector.items():
+        for var in re.findall(r"\$\{env:([A-Za-z0-9_]+)\}", value):
+            # BOOTSTRAP_SERVERS defaults to the app's KAFKA_BOOTSTRAP_SERVERS.
+            assert var in env or var == "BOOTSTRAP_SERVERS", f"{key} needs {var} in the relay-cdc service"
+    assert "relay-cdc" in services["cdc-db-user"]["profiles"]
+
+
 # --- Dockerfile --------------------------------------------------------------------------------------
 
 
@@ -357,3 +373,16 @@ def test_dockerfile_copies_every_local_app_and_runs_unprivileged():
     assert users and users[-1] not in {"root", "0"}
     cmd = json.loads(re.findall(r"^CMD (.+)$", text, flags=re.MULTILINE)[-1])
     assert cmd[:2] == PROCESSES["web"]
+
+
+def test_dockerfile_cdc_target_adds_the_engine_and_the_default_image_stays_without():
+    stages = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]
+    named = {stage.split()[2] if " AS " in stage.splitlines()[0] else None: stage for stage in stages}
+    cdc, default = named["cdc"], stages[-1]
+    assert "requirements-cdc.txt" in named["build-cdc"] and "--require-hashes" in named["build-cdc"]
+    assert "COPY --from=build-cdc /opt/venv" in cdc
+    assert "default-jre-headless" in cdc and "libmariadb-java" in cdc
+    assert "deploy/debezium/outbox-connector.json" in cdc
+    assert re.findall(r"^USER (\S+)", cdc, flags=re.MULTILINE)[-1] == "app"
+    assert json.loads(re.findall(r"^CMD (.+)$", cdc, flags=re.MULTILINE)[-1]) == ["python", "manage.py", "relay_cdc"]
+    assert " AS " not in default.splitlines()[0] and "cdc" not in default and "java" not in default

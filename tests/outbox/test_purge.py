@@ -31,3 +31,21 @@ def test_purge_removes_only_old_sent_rows_in_batches(settings):
     remaining = set(OutboxEvent.objects.values_list("id", flat=True))
     assert remaining == {e.id for e in keep} | {old_pending.id, requeued_then_sent.id}
     assert not remaining & {e.id for e in old_sent}
+
+
+def test_with_the_relay_off_old_pending_rows_are_purged_by_when_they_occurred(settings):
+    """relay_cdc never marks rows sent; it publishes the binlog's inserts, so an old pending row can go."""
+    settings.OUTBOX_RELAY_ENABLED = False
+    settings.OUTBOX_RETENTION_HOURS = 24
+    day_old = timezone.now() - timedelta(hours=25)
+    old_pending = [OutboxEvent.objects.create(aggregate_type="order", aggregate_id="3", event_type="OrderCreated",
+                                              payload={}, occurred_at=day_old) for _ in range(3)]
+    keep = [event("pending", 0), event("dead", 0)]
+    requeued = OutboxEvent.objects.create(aggregate_type="order", aggregate_id="4", event_type="OrderCreated",
+                                          payload={}, occurred_at=day_old)
+    FailedEvent.objects.create(outbox_event=requeued, event_id=requeued.event_id, aggregate_type="order",
+                               aggregate_id="4", event_type="OrderCreated", topic="t", payload={}, headers={},
+                               error="x", attempts=1, status="requeued")
+
+    assert outbox_purge_sent(batch_size=2) == len(old_pending)
+    assert set(OutboxEvent.objects.values_list("id", flat=True)) == {e.id for e in keep} | {requeued.id}

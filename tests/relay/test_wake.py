@@ -201,3 +201,10 @@ def test_redis_stopped_at_the_moment_of_a_commit_loses_the_wake_up_and_beats_pol
             process.wait(30)
     (record,) = read_topic(broker.bootstrap, TOPIC, keys={"redis-down-1"}, until=lambda rs: len(rs) >= 1)
     assert record.headers["id"] == str(event.event_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_the_relay_off_a_commit_wakes_nothing_and_writes_nothing_to_redis(flag, queued, settings):
+    settings.OUTBOX_RELAY_ENABLED = False
+    enqueue("relay-off", "OrderCreated")
+    assert queued == [] and not flag.exists(wake.WAKE_KEY)

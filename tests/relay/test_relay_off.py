@@ -1,0 +1,47 @@
+"""OUTBOX_RELAY_ENABLED=0 turns the Celery relay off completely: one publisher at a time (relay_cdc's README)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from outbox.models import OutboxEvent
+from relay import services, tasks
+from tests.cdc_tools import PROJECT
+from tests.processes import suite_env
+from tests.relay.helpers import enqueue
+
+
+@pytest.mark.django_db
+def test_the_tasks_publish_nothing_and_sweep_nothing(settings, monkeypatch):
+    settings.OUTBOX_RELAY_ENABLED = False
+    called = []
+    for name in ("relay_run", "relay_follow", "dead_letters_retry"):
+        monkeypatch.setattr(services, name, lambda *a, name=name, **k: called.append(name))
+    enqueue("off-1", "OrderCreated")
+    tasks.relay_outbox()
+    tasks.relay_outbox(woken=True)
+    tasks.retry_dead_letters()
+    assert called == []
+    assert OutboxEvent.objects.get(aggregate_id="off-1").status == OutboxEvent.Status.PENDING
+
+
+def test_beat_schedules_no_relay_task():
+    code = "from django.conf import settings; print(sorted(t['task'] for t in settings.CELERY_BEAT_SCHEDULE.values()))"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+    on = subprocess.run([sys.executable, "-c", f"import django; django.setup(); {code}"], cwd=PROJECT, env=env,
+                        capture_output=True, text=True, check=True).stdout
+    off = subprocess.run([sys.executable, "-c", f"import django; django.setup(); {code}"], cwd=PROJECT,
+                         env={**env, "OUTBOX_RELAY_ENABLED": "0"}, capture_output=True, text=True, check=True).stdout
+    assert "relay.tasks.relay_outbox" in on and "relay.tasks.retry_dead_letters" in on
+    assert "relay.tasks" not in off and "outbox.tasks.purge_sent_events" in off
+
+
+@pytest.mark.django_db(transaction=True)
+def test_relay_outbox_refuses_to_publish(broker):
+    enqueue("off-2", "OrderCreated")
+    result = subprocess.run([sys.executable, "manage.py", "relay_outbox"], cwd=PROJECT, capture_output=True,
+                            text=True, env=suite_env(broker, OUTBOX_RELAY_ENABLED="0"))
+    assert result.returncode == 1 and "OUTBOX_RELAY_ENABLED=0" in result.stderr
+    assert OutboxEvent.objects.get(aggregate_id="off-2").status == OutboxEvent.Status.PENDING
