@@ -182,7 +182,7 @@ def run(*, events: int, rate: int, seconds: float, bootstrap: str) -> dict:
 
 
 def report(results: dict) -> str:
-    lines = [f"# relay_cdc beside the Celery relay (same run, same binlog MariaDB and broker)", "",
+    lines = ["# relay_cdc beside the Celery relay (same run, same binlog MariaDB and broker)", "",
              f"Drain of {results['events']:,} events committed at once; commit-to-consume latency at "
              f"{results['rate']} events/s written by the app's enqueue; the database server's CPU per drained event.",
              "", "| | Celery relay (worker + beat) | relay_cdc |", "|---|---|---|"]

@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from tests.cdc_tools import PROJECT, BinlogDatabase, outbox_insert
-from tests.kafka_tools import Broker, read_topic, wait_for
+from tests.kafka_tools import Broker, read_topic
 
 pytestmark = pytest.mark.cdc
 
