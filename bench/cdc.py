@@ -5,7 +5,7 @@ so its CPU time is the relays' work alone). For each relay:
 - drain: a backlog of n events committed in one transaction while the relay runs (the Celery relay as deployed,
   `celery -A project worker` and `beat`, woken by the commit; relay_cdc streaming), events/s from the commit until
   the last is on the topic (the relay: marked sent);
-- latency: events written by the app's own enqueue (one transaction each) at a steady rate, commit-to-consume
+- latency: events written by the app's own enqueue (one transaction each) at a steady rate, commit-to-topic
   (a reader of the topic, as bench.http_load measures it), p50/p99;
 - database CPU: the server process's CPU seconds over the drain, per event.
 
@@ -183,7 +183,7 @@ def run(*, events: int, rate: int, seconds: float, bootstrap: str) -> dict:
 
 def report(results: dict) -> str:
     lines = ["# relay_cdc beside the Celery relay (same run, same binlog MariaDB and broker)", "",
-             f"Drain of {results['events']:,} events committed at once; commit-to-consume latency at "
+             f"Drain of {results['events']:,} events committed at once; commit-to-topic latency at "
              f"{results['rate']} events/s written by the app's enqueue; the database server's CPU per drained event.",
              "", "| | Celery relay (worker + beat) | relay_cdc |", "|---|---|---|"]
     relay, cdc = results["relay"], results["cdc"]
