@@ -21,7 +21,7 @@ install: $(STAMP)
 CDC_STAMP := $(VENV)/.installed-cdc-$(shell cat requirements-cdc.txt | sha1sum | cut -c1-12)
 $(CDC_STAMP): $(STAMP) requirements-cdc.txt
 	test -f /usr/share/java/mariadb-java-client.jar || scripts/system-deps libmariadb-java
-	command -v java >/dev/null || scripts/system-deps default-jre-headless
+	scripts/java-for-cdc
 	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-cdc.txt
 	rm -f $(VENV)/.installed-cdc-*
 	touch $@

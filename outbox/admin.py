@@ -12,7 +12,7 @@ from ops.services import consumer_progress, readiness_checks
 
 from .models import FailedEvent, OutboxEvent
 from .selectors import outbox_overview
-from .services import failed_event_requeue
+from .services import RequeueRefused, failed_event_requeue
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -45,7 +45,12 @@ class ReadOnlyAdmin(admin.ModelAdmin):
                 pass
         return f"{obj.aggregate_type}:{obj.aggregate_id}"
 
-    def _report_requeued(self, request, count):
+    def _report_requeued(self, request, requeue):
+        try:
+            count = requeue()
+        except RequeueRefused as exc:
+            self.message_user(request, f"Nothing requeued: {exc}", messages.ERROR)
+            return
         self.message_user(request, f"Requeued {count} event(s).", messages.SUCCESS if count else messages.WARNING)
 
 
@@ -78,7 +83,7 @@ class OutboxEventAdmin(ReadOnlyAdmin):
     @admin.action(description="Requeue selected dead events", permissions=["requeue"])
     def requeue(self, request, queryset):
         failed = FailedEvent.objects.filter(outbox_event__in=queryset.filter(status=OutboxEvent.Status.DEAD))
-        self._report_requeued(request, failed_event_requeue(failed_events=failed, user=request.user))
+        self._report_requeued(request, lambda: failed_event_requeue(failed_events=failed, user=request.user))
 
 
 @admin.register(FailedEvent)
@@ -105,4 +110,4 @@ class FailedEventAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Requeue selected failed events", permissions=["requeue"])
     def requeue(self, request, queryset):
-        self._report_requeued(request, failed_event_requeue(failed_events=queryset, user=request.user))
+        self._report_requeued(request, lambda: failed_event_requeue(failed_events=queryset, user=request.user))

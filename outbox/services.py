@@ -59,9 +59,22 @@ _INSERT = (
 )
 
 
+class RequeueRefused(OutboxError):
+    """A requeue that would publish nothing: the Celery relay is off."""
+
+
 @transaction.atomic
 def failed_event_requeue(*, failed_events, user) -> int:
-    """Put failed events back into the outbox with their original event id and key."""
+    """Put failed events back into the outbox with their original event id and key.
+
+    Refused while the Celery relay is off (OUTBOX_RELAY_ENABLED=0): a requeue turns the row back to pending, and
+    relay_cdc publishes inserts only, so the event would stay pending, never published, while reported requeued.
+    """
+    if not settings.OUTBOX_RELAY_ENABLED:
+        raise RequeueRefused(
+            "the Celery relay is off (OUTBOX_RELAY_ENABLED=0): a requeued row would never be published (relay_cdc "
+            "publishes inserted rows only). Turn the relay on to requeue (README 'Switching a running deployment')"
+        )
     count = 0
     for failed in failed_events.select_for_update().filter(
         status__in=[FailedEvent.Status.DEAD_LETTERED, FailedEvent.Status.DLQ_PENDING, FailedEvent.Status.FAILED]

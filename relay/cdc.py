@@ -222,6 +222,10 @@ class CdcRelay:
         class Consumer:
             @jpype.JOverride
             def handleBatch(self, records, committer):
+                if relay.stopping.is_set():
+                    # An earlier batch may have been abandoned unrecorded: marking a later one would record a
+                    # position past it (a gap). Nothing more is published or recorded once stopping.
+                    return
                 try:
                     relay.handle_batch(records)
                     for record in records:

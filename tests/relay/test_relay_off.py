@@ -45,3 +45,45 @@ def test_relay_outbox_refuses_to_publish(broker):
                             text=True, env=suite_env(broker, OUTBOX_RELAY_ENABLED="0"))
     assert result.returncode == 1 and "OUTBOX_RELAY_ENABLED=0" in result.stderr
     assert OutboxEvent.objects.get(aggregate_id="off-2").status == OutboxEvent.Status.PENDING
+
+
+@pytest.mark.django_db
+def test_a_requeue_is_refused_not_left_pending_forever(settings, client, django_user_model):
+    """relay_cdc publishes inserted rows only: a failed event turned back to pending would never go out."""
+    from django.core.management import CommandError, call_command
+
+    from outbox.models import FailedEvent
+
+    settings.OUTBOX_RELAY_ENABLED = False
+    event = enqueue("off-2", "OrderCreated")
+    OutboxEvent.objects.filter(pk=event.pk).update(status=OutboxEvent.Status.DEAD)
+    failed = FailedEvent.objects.create(
+        outbox_event_id=event.pk, event_id=event.event_id, aggregate_type="order", aggregate_id="off-2",
+        event_type="OrderCreated", topic="outbox.event.order", payload={}, headers={}, error="refused",
+        attempts=1, status=FailedEvent.Status.DEAD_LETTERED,
+    )
+    operator = django_user_model.objects.create_superuser("operator", "op@example.com", "pw")
+    with pytest.raises(CommandError, match="OUTBOX_RELAY_ENABLED=0"):
+        call_command("requeue_failed_events", "--all", "--user", "operator")
+    client.force_login(operator)
+    response = client.post("/admin/outbox/failedevent/", {"action": "requeue", "_selected_action": [failed.pk]},
+                           follow=True)
+    assert "Nothing requeued" in response.content.decode()
+    failed.refresh_from_db()
+    assert failed.status == FailedEvent.Status.DEAD_LETTERED
+    assert OutboxEvent.objects.get(pk=event.pk).status == OutboxEvent.Status.DEAD
+
+
+@pytest.mark.django_db(transaction=True)  # the collector closes an unusable connection, as at a real scrape
+def test_the_pending_gauges_are_not_exported_when_relay_cdc_publishes(settings):
+    """Under relay_cdc rows stay pending by design: their age would alert forever (OutboxEventsPendingTooLong)."""
+    from ops.collectors import DatabaseStateCollector
+
+    enqueue("off-3", "OrderCreated")
+    names = {family.name for family in DatabaseStateCollector().collect()}
+    assert {"outbox_events_pending", "outbox_oldest_pending_age_seconds"} <= names
+    settings.OUTBOX_RELAY_ENABLED = False
+    names = {family.name for family in DatabaseStateCollector().collect()}
+    assert not names & {"outbox_events_pending", "outbox_oldest_pending_age_seconds", "outbox_events_retrying",
+                        "outbox_longest_failing_seconds"}
+    assert "outbox_failed_events" in names

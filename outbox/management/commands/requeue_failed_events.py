@@ -2,7 +2,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from outbox.models import FailedEvent
-from outbox.services import failed_event_requeue
+from outbox.services import RequeueRefused, failed_event_requeue
 
 
 class Command(BaseCommand):
@@ -25,5 +25,8 @@ class Command(BaseCommand):
             failed = failed.filter(event_id__in=event_ids)
         if aggregate_id:
             failed = failed.filter(aggregate_id=aggregate_id)
-        count = failed_event_requeue(failed_events=failed, user=operator)
+        try:
+            count = failed_event_requeue(failed_events=failed, user=operator)
+        except RequeueRefused as exc:
+            raise CommandError(str(exc)) from exc
         self.stdout.write(f"requeued {count} event(s)")
