@@ -50,19 +50,24 @@ def _run(argv: list, *, env: dict | None = None, timeout: float = 600) -> subpro
     return result
 
 
-@pytest.fixture(scope="module")
-def runtime_venv() -> pathlib.Path:
-    """A venv with requirements.txt installed and nothing else, reused while the lock file is unchanged."""
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:12]
-    venv = ROOT / ".run" / "runtime-venv"
+def venv_from_lock(lock: pathlib.Path, name: str) -> pathlib.Path:
+    """A venv (.run/<name>) with `lock` installed and nothing else, reused while the lock file is unchanged."""
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()[:12]
+    venv = ROOT / ".run" / name
     stamp = venv / f".installed-{digest}"
     if not stamp.exists():
         shutil.rmtree(venv, ignore_errors=True)
         _run([sys._base_executable, "-m", "venv", venv])
         _run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps",
-              "-r", LOCK])
+              "-r", lock])
         stamp.touch()
     return venv
+
+
+@pytest.fixture(scope="module")
+def runtime_venv() -> pathlib.Path:
+    """A venv with requirements.txt installed and nothing else."""
+    return venv_from_lock(LOCK, "runtime-venv")
 
 
 def _production_env(venv: pathlib.Path, **extra: str) -> dict:

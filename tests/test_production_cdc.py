@@ -4,18 +4,15 @@ target) runs relay_cdc with production settings and publishes a row from the bin
 The venv lives in .run/ and is rebuilt only when requirements-cdc.txt changes.
 """
 
-import hashlib
-import shutil
 import signal
 import subprocess
-import sys
 import uuid
 
 import pytest
 
 from tests.cdc_tools import PROJECT, BinlogDatabase, outbox_insert
 from tests.kafka_tools import Broker, read_topic
-from tests.test_production import _production_env, _run, kafka_settings  # noqa: F401 (the fixture: no override)
+from tests.test_production import _production_env, _run, kafka_settings, venv_from_lock  # noqa: F401 (the fixture: no override)
 
 pytestmark = pytest.mark.cdc
 
@@ -24,16 +21,8 @@ LOCK = PROJECT / "requirements-cdc.txt"
 
 @pytest.fixture(scope="module")
 def cdc_venv():
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:12]
-    venv = PROJECT / ".run" / "cdc-venv"
-    stamp = venv / f".installed-{digest}"
-    if not stamp.exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        _run([sys._base_executable, "-m", "venv", venv])
-        _run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps",
-              "-r", LOCK])
-        stamp.touch()
-    return venv
+    """A venv with requirements-cdc.txt installed and nothing else."""
+    return venv_from_lock(LOCK, "cdc-venv")
 
 
 def test_relay_cdc_runs_from_the_cdc_lock_alone(cdc_venv):
