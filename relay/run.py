@@ -28,6 +28,9 @@ def relay_run(*, budget: float | None = None) -> BatchResult:
     first = _publish_batch_surviving_deadlocks()
     if not _keep_going(first, deadline):
         return first
+    from .wake import relay_call_for_help  # here: relay.wake imports this module
+
+    relay_call_for_help()  # a backlog: another worker process drains beside this run from now on
     lanes = max(1, settings.OUTBOX_RELAY_LANES)
     if lanes == 1:
         return first + _drain(deadline)

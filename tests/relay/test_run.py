@@ -25,3 +25,25 @@ def test_a_batch_chosen_as_deadlock_victim_runs_again(producer, monkeypatch):
     assert relay_run(budget=1).sent == 1
     assert len(calls) == 2
     assert OutboxEvent.objects.get().status == "sent"
+
+
+@pytest.mark.django_db
+def test_a_run_that_finds_a_backlog_calls_one_more_run_at_once(producer, monkeypatch, settings):
+    """An idle worker process joins the drain now, not at beat's next poll; one call per poll interval."""
+    from relay import tasks, wake
+
+    settings.OUTBOX_BATCH_SIZE = 2
+    wake._redis().delete(wake.HELP_KEY)
+    called = []
+    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **options: called.append(options))
+    enqueue("1", "OrderCreated")
+    assert relay_run(budget=1).sent == 1  # no backlog: nobody is called
+    assert called == []
+    for n in range(5):
+        enqueue(str(n), "OrderCreated")
+    assert relay_run(budget=1).sent == 5
+    relay_run(budget=1)
+    for n in range(5):
+        enqueue(str(n), "OrderCancelled")
+    assert relay_run(budget=1).sent == 5
+    assert called == [{"expires": settings.OUTBOX_POLL_INTERVAL}]  # the second backlog within the interval: no call
