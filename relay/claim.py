@@ -24,16 +24,30 @@ CLAIM_INDEX = "outbox_claim_idx"
 CLOUDEVENTS_SPEC_VERSION = "1.0"
 
 
+_CE_SPECVERSION = ("ce_specversion", CLOUDEVENTS_SPEC_VERSION)
+_CONTENT_TYPE = ("content-type", "application/json")
+
+
+def rfc3339(occurred_at: datetime | str) -> str:
+    """occurredAt and ce_time: RFC 3339 in UTC, as datetime.isoformat() writes it (no fraction when it is zero).
+    A str is the column as MariaDB/MySQL print a DATETIME(6): turned by string operations, ~15 times cheaper
+    than the cursor's conversion to datetime and back (which was a tenth of the relay's CPU per event)."""
+    if isinstance(occurred_at, str):
+        text = occurred_at.replace(" ", "T", 1)
+        return (text[:-7] if text.endswith(".000000") else text) + "+00:00"
+    return occurred_at.replace(tzinfo=None).isoformat() + "+00:00"
+
+
 class Claimed:
     """A claimed row. A plain class with slots, not a dataclass: one is built per event published."""
 
-    __slots__ = ("id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "occurred_at",
+    __slots__ = ("id", "event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "time",
                  "attempts", "topic", "source", "trace_parent", "trace_state", "failing_since")
 
     def __init__(
         self, *, id: int, event_id: str, aggregate_type: str, aggregate_id: str, event_type: str,
         payload: str,  # the JSON text as stored: published byte for byte
-        occurred_at: datetime,  # naive UTC, as the raw cursor returns it
+        occurred_at: datetime | str,  # naive UTC; or the column's text as the claim reads it (no datetime built)
         attempts: int,
         topic: str = "",  # OUTBOX_TOPIC_PREFIX + aggregate_type; the claim reads the setting once per batch
         source: str = "",  # OUTBOX_CLOUDEVENTS_SOURCE, read once per batch too
@@ -43,7 +57,7 @@ class Claimed:
     ):
         self.id, self.event_id, self.attempts = id, event_id, attempts
         self.aggregate_type, self.aggregate_id, self.event_type = aggregate_type, aggregate_id, event_type
-        self.payload, self.occurred_at = payload, occurred_at
+        self.payload, self.time = payload, rfc3339(occurred_at)
         self.topic = topic or settings.OUTBOX_TOPIC_PREFIX + aggregate_type
         self.source = source or settings.OUTBOX_CLOUDEVENTS_SOURCE
         self.trace_parent, self.trace_state = trace_parent, trace_state
@@ -52,24 +66,28 @@ class Claimed:
     def __repr__(self) -> str:
         return f"Claimed(id={self.id}, event_id={self.event_id!r}, aggregate_id={self.aggregate_id!r})"
 
+    @property
+    def occurred_at(self) -> datetime:
+        """Naive UTC."""
+        return datetime.fromisoformat(self.time).replace(tzinfo=None)
+
     def header_items(self, trace_headers: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
         """trace_headers: the relay's producer span's, when tracing is on; else the stored context goes on."""
-        occurred_at = self.occurred_at.isoformat() + "+00:00"  # RFC 3339, as CloudEvents' time wants it
         headers = [
             ("id", self.event_id),
             ("eventType", self.event_type),
             ("aggregateType", self.aggregate_type),
             ("aggregateId", self.aggregate_id),
-            ("occurredAt", occurred_at),
+            ("occurredAt", self.time),
             # The CloudEvents Kafka binding, binary mode: a consumer built on a CloudEvents SDK reads the message
             # as an event whose data is the value. The headers above stay for everything written against them.
-            ("ce_specversion", CLOUDEVENTS_SPEC_VERSION),
+            _CE_SPECVERSION,
             ("ce_id", self.event_id),
             ("ce_type", self.event_type),
             ("ce_source", self.source),
-            ("ce_time", occurred_at),
+            ("ce_time", self.time),
             ("ce_subject", self.aggregate_id),
-            ("content-type", "application/json"),
+            _CONTENT_TYPE,
         ]
         if trace_headers is not None:
             headers += trace_headers
@@ -131,7 +149,7 @@ def claim_sql(*, skip_ranges: list[tuple[int, int]] = ()) -> str:
     """The claim statement; parameters: now, batch size."""
     skip = "".join(f" AND id NOT BETWEEN {low} AND {high}" for low, high in skip_ranges)
     return (
-        f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, occurred_at, attempts, "
+        f"SELECT id, event_id, aggregate_type, aggregate_id, event_type, payload, CAST(occurred_at AS CHAR), attempts, "
         f"trace_parent, trace_state, failing_since "
         f"FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) WHERE status = 'pending' AND available_at <= %s{skip} "
         f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"

@@ -45,7 +45,8 @@ class BatchResult:
         )
 
 
-def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
+def relay_publish_batch(*, batch_size: int | None = None, on_full_claim=None) -> BatchResult:
+    """on_full_claim: called once the claim took a whole batch (a backlog), before the batch is published."""
     batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
     result = BatchResult()
     # The batch stays registered until after the commit: its rows are pending until then.
@@ -55,6 +56,8 @@ def relay_publish_batch(*, batch_size: int | None = None) -> BatchResult:
         result.claimed = len(rows)
         if not rows:
             return result
+        if on_full_claim is not None and len(rows) == batch_size:
+            on_full_claim()
         ready, held = split_by_aggregate_order(
             rows, other_lanes=other_lanes, now=now,
             one_per_aggregate=kafka.producer.troubled or any(row.failing_since for row in rows),

@@ -25,12 +25,13 @@ def relay_run(*, budget: float | None = None) -> BatchResult:
     """
     budget = settings.OUTBOX_RUN_BUDGET if budget is None else budget
     deadline = time.monotonic() + budget
-    first = _publish_batch_surviving_deadlocks()
-    if not _keep_going(first, deadline):
-        return first
     from .wake import relay_call_for_help  # here: relay.wake imports this module
 
-    relay_call_for_help()  # a backlog: another worker process drains beside this run from now on
+    # A full claim is a backlog: another worker process drains beside this run from now on, not from the
+    # end of this batch's publish.
+    first = _publish_batch_surviving_deadlocks(on_full_claim=relay_call_for_help)
+    if not _keep_going(first, deadline):
+        return first
     lanes = max(1, settings.OUTBOX_RELAY_LANES)
     if lanes == 1:
         return first + _drain(deadline)
@@ -41,7 +42,7 @@ def relay_run(*, budget: float | None = None) -> BatchResult:
     return first
 
 
-def _publish_batch_surviving_deadlocks(attempts: int = 5) -> BatchResult:
+def _publish_batch_surviving_deadlocks(attempts: int = 5, **options) -> BatchResult:
     """InnoDB may pick a claim or a mark of concurrent relays as a deadlock victim. The transaction is then
     rolled back and its rows are still pending: run the batch again (a rolled-back mark republishes, which
     consumers dedupe)."""
@@ -49,7 +50,7 @@ def _publish_batch_surviving_deadlocks(attempts: int = 5) -> BatchResult:
     while True:
         attempt += 1
         try:
-            return relay_publish_batch()
+            return relay_publish_batch(**options)
         except OperationalError as exc:
             if not lock_conflict(exc) or attempt == attempts:
                 raise

@@ -82,3 +82,27 @@ def test_a_lane_claims_around_another_lanes_batch_and_holds_what_waits_on_it():
     assert second["other_lanes"] == [r.id for r in rows]
     assert second["rows"] == [later_cancel.id]
     assert second["held"] == [later_cancel.id]  # its order's Created is in the other lane's batch
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("microsecond", [0, 7, 123456])
+def test_the_claimed_time_is_the_rows_occurred_at_as_isoformat_writes_it(microsecond):
+    """The claim reads occurred_at as text, not as a datetime: its RFC 3339 form must be what isoformat() gave,
+    a zero fraction left out, as relay_cdc (which builds it from a datetime) writes it."""
+    from datetime import datetime, timezone as dt_timezone
+
+    from outbox.models import OutboxEvent
+    from relay.claim import Claimed
+
+    occurred = datetime(2026, 1, 2, 3, 4, 5, microsecond)
+    OutboxEvent.objects.filter(pk=enqueue("time", "OrderCreated").pk).update(
+        occurred_at=occurred.replace(tzinfo=dt_timezone.utc))
+    with transaction.atomic():
+        (row,) = _claim(now=timezone.now(), batch_size=10)
+    expected = occurred.isoformat() + "+00:00"
+    assert row.time == expected
+    assert dict(row.header_items())["occurredAt"] == dict(row.header_items())["ce_time"] == expected
+    assert row.occurred_at == occurred
+    from_datetime = Claimed(id=1, event_id="e", aggregate_type="order", aggregate_id="1", event_type="T",
+                            payload="{}", occurred_at=occurred, attempts=0)
+    assert from_datetime.time == expected

@@ -47,3 +47,25 @@ def test_a_run_that_finds_a_backlog_calls_one_more_run_at_once(producer, monkeyp
         enqueue(str(n), "OrderCancelled")
     assert relay_run(budget=1).sent == 5
     assert called == [{"expires": settings.OUTBOX_POLL_INTERVAL}]  # the second backlog within the interval: no call
+
+
+@pytest.mark.django_db
+def test_a_full_claim_calls_for_help_before_its_batch_is_published(producer, monkeypatch, settings):
+    """The second worker process starts draining while the first publishes its first batch, not after it."""
+    from relay import publish, tasks, wake
+
+    settings.OUTBOX_BATCH_SIZE = 2
+    wake._redis().delete(wake.HELP_KEY)
+    happened = []
+    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **options: happened.append("help"))
+    real_publish = publish.kafka.publish
+
+    def publish_recorded(messages, **kwargs):
+        happened.append("publish")
+        return real_publish(messages, **kwargs)
+
+    monkeypatch.setattr(publish.kafka, "publish", publish_recorded)
+    for n in range(3):
+        enqueue(str(n), "OrderCreated")
+    assert relay_run(budget=1).sent == 3
+    assert happened == ["help", "publish", "publish"]
