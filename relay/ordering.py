@@ -69,14 +69,17 @@ EARLIER_ROWS_READ = 1000
 
 
 def _earlier_pending_rows(rows: list[Claimed], other_lanes: list[Claimed]) -> list[tuple] | None:
-    """(id, aggregate type, aggregate id, available_at) of the pending rows before the batch's last row that
-    neither it nor another lane holds (usually none: rows held back, in backoff, or locked by another relay),
-    in id order; None when there are more than EARLIER_ROWS_READ. The walk is the claim index's: the ids are
+    """(id, aggregate type, aggregate id, available_at as text in UTC) of the pending rows before the batch's
+    last row that neither it nor another lane holds (usually none: rows held back, in backoff, or locked by
+    another relay, whose whole batch it is then), in id order; None when there are more than EARLIER_ROWS_READ. The walk is the claim index's: the ids are
     checked inside it, and only the rows found are read."""
     known = ",".join(str(row.id) for row in (*rows, *other_lanes))
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id, aggregate_type, aggregate_id, available_at FROM {TABLE} FORCE INDEX ({CLAIM_INDEX}) "
+            # available_at as text: a datetime is built only for the few rows of this batch's orders (the
+            # cursor's conversion of each row found cost ~2 us of the relay's CPU).
+            f"SELECT id, aggregate_type, aggregate_id, CAST(available_at AS CHAR) FROM {TABLE} "
+            f"FORCE INDEX ({CLAIM_INDEX}) "
             f"WHERE status = 'pending' AND id < %s AND id NOT IN ({known}) ORDER BY id LIMIT %s",
             [rows[-1].id, EARLIER_ROWS_READ + 1],
         )
@@ -90,7 +93,7 @@ def _first_blockers_among(rows: list[Claimed], earlier: list[tuple]) -> dict[tup
     for row_id, aggregate_type, aggregate_id, available_at in earlier:  # in id order: the first one stays
         key = (aggregate_type, aggregate_id)
         if key in claimed and key not in first_blocker:
-            first_blocker[key] = (row_id, available_at.replace(tzinfo=dt_timezone.utc))  # stored in UTC
+            first_blocker[key] = (row_id, datetime.fromisoformat(available_at).replace(tzinfo=dt_timezone.utc))
     return first_blocker
 
 
