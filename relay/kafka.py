@@ -100,7 +100,10 @@ def producer_config() -> dict:
         # The Java clients' key hash: a key lands on the same partition whoever produces it
         # (a CDC connector, another service), so per-order order survives a switch of producer.
         "partitioner": "murmur2_random",
-        "linger.ms": 2,  # a batch is produced in one loop anyway; a short linger keeps single events fast
+        # Longer than producing a batch takes: nothing leaves while publish() produces it, and its flush then
+        # sends it at once, in one request per partition (a short linger sent each batch in pieces, as its
+        # ticks fell: more requests, more work for the broker and for this process, and later acks).
+        "linger.ms": 20,
         "message.timeout.ms": timeout_ms,
         "request.timeout.ms": min(timeout_ms, 30000),
         "socket.keepalive.enable": True,
@@ -240,11 +243,12 @@ def publish(messages: list[Message], *, timeout: float, holder: ProducerHolder =
                     break
             if client.fatal_error is not None:
                 break
-        # Wait for this batch's reports only (not flush(): other relay lanes share the producer).
-        # The margin lets reports for messages that timed out arrive.
+        # Wait for this batch's reports (the margin lets reports for messages that timed out arrive) in short
+        # flushes: a flush sends what is queued at once, without lingering. Short, because other relay lanes
+        # share the producer and a flush waits for theirs too; the fatal error is checked in between.
         deadline = time.monotonic() + timeout + 1.0
         while None in reports and time.monotonic() < deadline and client.fatal_error is None:
-            kafka.poll(0.005)
+            kafka.flush(0.005)
     except KafkaException as exc:
         if not _is_producer_failure(exc.args[0]):
             raise

@@ -47,3 +47,17 @@ def test_idempotence_and_acks_all_cannot_be_overridden_by_settings(settings):
 
     assert (config["enable.idempotence"], config["acks"]) == (True, "all")
     assert config["compression.type"] == "zstd"  # everything else passes through
+
+
+def test_a_batch_is_sent_at_once_whatever_the_linger(broker, settings):
+    """publish() flushes what it produced: with a linger far longer than the publish timeout, every message is
+    still acknowledged (a producer left to its linger would report them all timed out)."""
+    settings.OUTBOX_PUBLISH_TIMEOUT = 10  # message.timeout.ms, which librdkafka wants above the linger
+    settings.KAFKA_PRODUCER_CONFIG = {"linger.ms": 9_000}
+    holder = kafka.ProducerHolder()
+    messages = [kafka.Message(TOPIC, f"linger-{n}", "{}", [("id", f"linger-{n}")]) for n in range(50)]
+
+    deliveries = kafka.publish(messages, timeout=3, holder=holder)
+
+    assert [d.error for d in deliveries] == [None] * 50
+    assert all(d.offset is not None for d in deliveries)
