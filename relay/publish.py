@@ -93,6 +93,8 @@ def sort_outcomes(ready: list[Claimed], deliveries: list[kafka.Delivery]):
     this batch. It stays pending, unmarked, and goes again after its predecessor (a duplicate, which consumers
     dedupe), so that the order is never marked further than it got. A predecessor refused for good is
     dead-lettered, and later events proceed (by design)."""
+    if all(delivery.error is None for delivery in deliveries):  # the usual batch: one pass, no key built per row
+        return list(zip(ready, deliveries)), [], []
     acked, behind, failed = [], [], []
     stalled: set[tuple[str, str]] = set()
     for row, delivery in zip(ready, deliveries):
