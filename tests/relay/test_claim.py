@@ -106,3 +106,17 @@ def test_the_claimed_time_is_the_rows_occurred_at_as_isoformat_writes_it(microse
     from_datetime = Claimed(id=1, event_id="e", aggregate_type="order", aggregate_id="1", event_type="T",
                             payload="{}", occurred_at=occurred, attempts=0)
     assert from_datetime.time == expected
+
+
+@pytest.mark.django_db
+def test_a_claimed_row_has_every_slot_the_constructor_sets():
+    """The claim builds rows without the keyword call: a slot it forgot would fail here, not in production."""
+    from relay.claim import Claimed
+
+    enqueue("slots", "OrderCreated")
+    with transaction.atomic():
+        (row,) = _claim(now=timezone.now(), batch_size=10)
+    built = Claimed(id=row.id, event_id=row.event_id, aggregate_type=row.aggregate_type, aggregate_id=row.aggregate_id,
+                    event_type=row.event_type, payload=row.payload, occurred_at=row.occurred_at, attempts=row.attempts,
+                    trace_parent=row.trace_parent, trace_state=row.trace_state, failing_since=row.failing_since)
+    assert {slot: getattr(row, slot) for slot in Claimed.__slots__} == {slot: getattr(built, slot) for slot in Claimed.__slots__}
