@@ -71,8 +71,9 @@ EARLIER_ROWS_READ = 1000
 def _earlier_pending_rows(rows: list[Claimed], other_lanes: list[Claimed]) -> list[tuple] | None:
     """(id, aggregate type, aggregate id, available_at as text in UTC) of the pending rows before the batch's
     last row that neither it nor another lane holds (usually none: rows held back, in backoff, or locked by
-    another relay, whose whole batch it is then), in id order; None when there are more than EARLIER_ROWS_READ. The walk is the claim index's: the ids are
-    checked inside it, and only the rows found are read."""
+    another relay, whose whole batch it is then), in id order; None when there are more than
+    EARLIER_ROWS_READ. The walk is the claim index's: the ids are checked inside it, and only the rows found
+    are read."""
     known = ",".join(str(row.id) for row in (*rows, *other_lanes))
     with connection.cursor() as cursor:
         cursor.execute(

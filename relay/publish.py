@@ -5,7 +5,6 @@ dies before its commit leaves its rows pending: they are published again (a dupl
 """
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -116,16 +115,41 @@ def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) ->
     # A sample of at most LATENCY_SAMPLES rows per batch: each observation costs ~10 us in multiprocess mode.
     for row, _ in acked[:: max(1, len(acked) // LATENCY_SAMPLES)]:
         metrics.OUTBOX_PUBLISH_LATENCY.observe((naive_now - row.occurred_at).total_seconds())
-    by_partition: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for row, delivery in acked:
-        by_partition[int(delivery.partition)].append((row.id, int(delivery.offset)))
-    # One UPDATE per partition: the offset CASE of each stays short (one long CASE costs ~10% of a drain).
+    # One UPDATE for the batch. Each row's partition and offset are read from a fixed-width table of positions
+    # passed as one binary string and indexed by id: O(1) per row, where a CASE with a WHEN per row costs
+    # O(rows) per row and, split per partition to keep it short, one statement per partition (deployed, that
+    # took ~10% of the drain). A gap of more than POSITION_RUN_GAP ids starts another statement, which bounds
+    # the string at POSITION_WIDTH * POSITION_RUN_GAP bytes per row.
     with connection.cursor() as cursor:
-        for partition, rows in by_partition.items():
-            offsets = " ".join(f"WHEN {row_id} THEN {offset}" for row_id, offset in rows)
+        for run in _id_runs(acked):
+            first = run[0][0].id
+            positions = [EMPTY_POSITION] * (run[-1][0].id - first + 1)
+            for row, delivery in run:
+                positions[row.id - first] = POSITION.format(delivery.partition, delivery.offset)
+            table = "".join(positions)
             cursor.execute(
                 f"UPDATE {TABLE} SET status = 'sent', published_at = %s, attempts = attempts + 1, last_error = '', "
-                f"kafka_partition = %s, kafka_offset = CASE id {offsets} END "
-                f"WHERE id IN ({','.join(str(row_id) for row_id, _ in rows)})",
-                [db_datetime(now), partition],
+                f"kafka_partition = SUBSTRING(_binary %s, (id - {first}) * {POSITION_WIDTH} + 1, {PARTITION_DIGITS}), "
+                f"kafka_offset = SUBSTRING(_binary %s, (id - {first}) * {POSITION_WIDTH} + {PARTITION_DIGITS + 1}, "
+                f"{OFFSET_DIGITS}) "
+                f"WHERE id IN ({','.join(str(row.id) for row, _ in run)})",
+                [db_datetime(now), table, table],
             )
+
+
+PARTITION_DIGITS, OFFSET_DIGITS = 5, 19  # a partition number under 100,000; any int64 offset
+POSITION_WIDTH = PARTITION_DIGITS + OFFSET_DIGITS
+POSITION = f"{{:0{PARTITION_DIGITS}d}}{{:0{OFFSET_DIGITS}d}}"
+EMPTY_POSITION = "0" * POSITION_WIDTH  # ids in a run that are not this batch's: never read
+POSITION_RUN_GAP = 16
+
+
+def _id_runs(acked: list[tuple[Claimed, kafka.Delivery]]) -> list[list[tuple[Claimed, kafka.Delivery]]]:
+    """The acknowledged rows in id order, split where ids are more than POSITION_RUN_GAP apart."""
+    ordered = sorted(acked, key=lambda pair: pair[0].id)
+    runs = [[ordered[0]]]
+    for pair in ordered[1:]:
+        if pair[0].id - runs[-1][-1][0].id > POSITION_RUN_GAP:
+            runs.append([])
+        runs[-1].append(pair)
+    return runs

@@ -119,4 +119,5 @@ def test_a_claimed_row_has_every_slot_the_constructor_sets():
     built = Claimed(id=row.id, event_id=row.event_id, aggregate_type=row.aggregate_type, aggregate_id=row.aggregate_id,
                     event_type=row.event_type, payload=row.payload, occurred_at=row.occurred_at, attempts=row.attempts,
                     trace_parent=row.trace_parent, trace_state=row.trace_state, failing_since=row.failing_since)
-    assert {slot: getattr(row, slot) for slot in Claimed.__slots__} == {slot: getattr(built, slot) for slot in Claimed.__slots__}
+    slots = Claimed.__slots__
+    assert {slot: getattr(row, slot) for slot in slots} == {slot: getattr(built, slot) for slot in slots}

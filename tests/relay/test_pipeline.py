@@ -49,3 +49,28 @@ def test_created_then_cancelled_arrive_in_order_under_one_key(celery_worker, bro
     for record in records:
         assert_matches_contract(record)
     wait_for(lambda: OutboxEvent.objects.filter(status="sent").count() == 2, timeout=10, message="both rows sent")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_sent_row_records_the_partition_and_offset_its_message_got(broker):
+    """A batch over every partition, its ids broken by a gap wider than one marking statement spans: each row
+    still records its own message's position."""
+    from relay.publish import POSITION_RUN_GAP
+    from relay.services import relay_run
+    from tests.relay.helpers import enqueue
+
+    start = high_watermarks(broker.bootstrap, TOPIC)
+    events = [enqueue(f"position-{n}", "OrderCreated") for n in range(120)]
+    gap = events[40:40 + POSITION_RUN_GAP + 5]
+    OutboxEvent.objects.filter(pk__in=[e.pk for e in gap]).delete()
+    kept = {str(e.event_id) for e in events} - {str(e.event_id) for e in gap}
+
+    assert relay_run(budget=5).sent == len(kept)
+
+    keys = {e.aggregate_id for e in events}
+    records = read_topic(broker.bootstrap, TOPIC, start=start, keys=keys, until=lambda rs: len(rs) >= len(kept))
+    position = {r.headers["id"]: (r.partition, r.offset) for r in records}
+    assert set(position) == kept
+    assert len({p for p, _ in position.values()}) > 1
+    rows = OutboxEvent.objects.filter(status="sent")
+    assert {str(row.event_id): (row.kafka_partition, row.kafka_offset) for row in rows} == position
