@@ -37,17 +37,23 @@ def relay_drain(batch_size: int) -> int:
 
 
 def explain_claim() -> str:
+    """The plans of the claim's statements (another lane's id range skipped): index / extra, each."""
     from django.utils import timezone
 
     from ops.db import db_datetime
-    from relay.claim import claim_sql
+    from relay.claim import claim_range_sql, claim_sql, first_due_sql
 
+    now = db_datetime(timezone.now())
+    plans = []
     with connection.cursor() as cursor:
-        # The relay's claim, with another lane's id range skipped.
-        cursor.execute("EXPLAIN " + claim_sql(skip_ranges=[(1, 1000)]),
-                       [db_datetime(timezone.now()), 1000])
-        columns = [c[0] for c in cursor.description]
-        return "; ".join(f"{dict(zip(columns, row))['key']} / {dict(zip(columns, row))['Extra']}" for row in cursor.fetchall())
+        for name, statement, parameters in (("first due", first_due_sql, [now]),
+                                            ("span", claim_range_sql, [1, 4000, now, 1000]),
+                                            ("past the span", claim_sql, [now, 4000, 1000])):
+            cursor.execute("EXPLAIN " + statement(skip_ranges=[(1, 1000)]), parameters)
+            columns = [c[0] for c in cursor.description]
+            plan = dict(zip(columns, cursor.fetchone()))
+            plans.append(f"{name}: {plan['key']} / {plan['Extra']}")
+    return "; ".join(plans)
 
 
 def claim_over_backoff_ms() -> float:
