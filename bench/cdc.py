@@ -4,7 +4,7 @@ The server is a MariaDB of the benchmark's own with the binlog on (tests/cdc_too
 so its CPU time is the relays' work alone). For each relay:
 - drain: a backlog of n events committed in one transaction while the relay runs (the Celery relay as deployed,
   `celery -A project worker` and `beat`, woken by the commit; relay_cdc streaming), events/s from the commit until
-  the last is on the topic (the relay: marked sent);
+  the last is read off the topic (bench.topic_count), with no query on the database inside the window;
 - latency: events written by the app's own enqueue (one transaction each) at a steady rate, commit-to-topic
   (a reader of the topic, as bench.http_load measures it), p50/p99;
 - database CPU: the server process's CPU seconds over the drain, per event.
@@ -17,11 +17,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
-
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
 from tests.cdc_tools import BinlogDatabase
 
@@ -32,6 +29,7 @@ os.environ.setdefault("OUTBOX_CDC_POSITION_EVERY", "1")
 from bench.common import ROOT, prefill_outbox, truncate_outbox  # noqa: E402
 from bench.http_load import TopicWatcher, percentile  # noqa: E402
 from bench.stack import process_env  # noqa: E402
+from bench.topic_count import TopicCounter  # noqa: E402
 
 TOPIC = "outbox.event.order"
 VENV_BIN = os.path.dirname(sys.executable)
@@ -40,26 +38,6 @@ VENV_BIN = os.path.dirname(sys.executable)
 def server_cpu_seconds(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class TopicCounter(threading.Thread):
-    """Counts the messages that reach the topic after it started (Tansu's high watermarks were seen lagging)."""
-
-    def __init__(self, bootstrap: str):
-        super().__init__(daemon=True)
-        self.count, self.stopping = 0, False
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
-        partitions = self.consumer.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions
-        self.consumer.assign([TopicPartition(TOPIC, p, OFFSET_END) for p in partitions])
-        self.consumer.poll(0.5)
-
-    def run(self) -> None:
-        while not self.stopping:
-            for message in self.consumer.consume(1000, 0.05):
-                if not message.error():
-                    self.count += 1
-        self.consumer.close()
 
 
 def _pending_left() -> bool:
@@ -96,9 +74,8 @@ class Relay:
             process.wait(60)
         self.log.close()
 
-    def drained(self, counter: TopicCounter, n: int) -> bool:
-        # The relay marks what the broker acknowledged; relay_cdc marks nothing, its messages are counted.
-        return not _pending_left() if self.kind == "relay" else counter.count >= n
+    def alive(self) -> bool:
+        return all(process.poll() is None for process in self.processes)
 
 
 def drain(kind: str, n: int, bootstrap: str) -> dict:
@@ -108,8 +85,7 @@ def drain(kind: str, n: int, bootstrap: str) -> dict:
 
     truncate_outbox()
     relay = Relay(kind, bootstrap)
-    counter = TopicCounter(bootstrap)
-    counter.start()
+    counter = TopicCounter(bootstrap, TOPIC, from_end=True)
     try:
         cpu = server_cpu_seconds(DB.process.pid)
         committed = []
@@ -117,18 +93,18 @@ def drain(kind: str, n: int, bootstrap: str) -> dict:
             prefill_outbox(n)
             transaction.on_commit(lambda: committed.append(time.perf_counter()))
             schedule_after_commit()  # the relay's wake-up, as the commits that wrote the events would do
-        deadline = time.monotonic() + 900
-        while not relay.drained(counter, n):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in relay.processes):
-                raise RuntimeError(f"the {kind} drain did not finish; see .run/bench-cdc-{kind}.log")
-            time.sleep(0.05)
-        seconds = time.perf_counter() - committed[0]
+        # Both relays alike: until the last message is read off the topic, with no query on the database inside.
+        try:
+            finished = counter.reached(n, timeout=900, alive=relay.alive)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the {kind} drain did not finish ({exc}); see .run/bench-cdc-{kind}.log") from None
         cpu = server_cpu_seconds(DB.process.pid) - cpu
-        return {"rate": n / seconds, "db_cpu_us_per_event": cpu / n * 1e6}
     finally:
-        counter.stopping = True
-        counter.join(5)
+        counter.stop()
         relay.stop()
+    if kind == "relay" and _pending_left():  # after the window: the relay marks what the broker acknowledged
+        raise RuntimeError("rows not marked sent although their messages are on the topic")
+    return {"rate": n / (finished - committed[0]), "db_cpu_us_per_event": cpu / n * 1e6}
 
 
 def steady(kind: str, rate: int, seconds: float, bootstrap: str) -> dict:

@@ -4,14 +4,14 @@ database under test inside the window."""
 import threading
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 
 class TopicCounter(threading.Thread):
-    """Reads a topic from its beginning and counts its messages; reached(n) waits until n have arrived and
-    returns when (perf_counter) the n-th was read."""
+    """Reads a topic from its beginning (from_end: from its end when it starts) and counts its messages;
+    reached(n) waits until n have arrived and returns when (perf_counter) the n-th was read."""
 
-    def __init__(self, bootstrap: str, topic: str):
+    def __init__(self, bootstrap: str, topic: str, *, from_end: bool = False):
         super().__init__(daemon=True)
         self.count = 0
         self._marks: list[tuple[int, float]] = []  # (count, perf_counter) after each read
@@ -19,7 +19,12 @@ class TopicCounter(threading.Thread):
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-counter",
                                    "enable.auto.commit": False, "fetch.wait.max.ms": 10})
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_END if from_end else OFFSET_BEGINNING)
+                               for p in partitions])
+        if from_end:
+            # The end is resolved when first fetched: fetch before anything is produced (Tansu's high watermarks
+            # were seen lagging, so they are not read instead).
+            self._consumer.poll(0.5)
         self.start()
 
     def run(self) -> None:
