@@ -118,7 +118,12 @@ def test_relays_as_deployed_two_workers_and_beat_publish_every_event_once_in_per
         for process in processes:
             process.wait(30)
         logs.close()
-    assert all(process.returncode == 0 for process in processes), (tmp_path / "relays.log").read_text()[-3000:]
+    log = (tmp_path / "relays.log").read_text()
+    *workers, beat = processes
+    assert all(worker.returncode == 0 for worker in workers), log[-3000:]
+    # Beat's shelve-backed schedule is closed twice at SIGTERM (Celery's signal handler, then its service's own
+    # stop), and now and then the second close meets the closed shelf: beat's exit, not the relay's.
+    assert beat.returncode == 0 or "invalid operation on closed shelf" in log, log[-3000:]
 
     records = read_topic(broker.bootstrap, topic, until=lambda rs: len(rs) >= total, timeout=60)
     by_id = Counter(r.headers["id"] for r in records)
