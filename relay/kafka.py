@@ -103,7 +103,7 @@ def producer_config() -> dict:
         # Longer than producing a batch takes: nothing leaves while publish() produces it, and its flush then
         # sends it at once, in one request per partition (a short linger sent each batch in pieces, as its
         # ticks fell: more requests, more work for the broker and for this process, and later acks).
-        "linger.ms": 20,
+        "linger.ms": min(20, max(0, timeout_ms - 1)),  # librdkafka wants it under message.timeout.ms
         "message.timeout.ms": timeout_ms,
         "request.timeout.ms": min(timeout_ms, 30000),
         "socket.keepalive.enable": True,

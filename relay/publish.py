@@ -137,7 +137,9 @@ def _mark_sent(acked: list[tuple[Claimed, kafka.Delivery]], *, now: datetime) ->
             )
 
 
-PARTITION_DIGITS, OFFSET_DIGITS = 5, 19  # a partition number under 100,000; any int64 offset
+# Any int32 partition and any int64 offset, sign included: a value wider than its field would shift every
+# later position of the run.
+PARTITION_DIGITS, OFFSET_DIGITS = 11, 20
 POSITION_WIDTH = PARTITION_DIGITS + OFFSET_DIGITS
 POSITION = f"{{:0{PARTITION_DIGITS}d}}{{:0{OFFSET_DIGITS}d}}"
 EMPTY_POSITION = "0" * POSITION_WIDTH  # ids in a run that are not this batch's: never read

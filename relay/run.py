@@ -10,6 +10,7 @@ from django.db import OperationalError, connection
 
 from ops.db import lock_conflict
 
+from . import kafka
 from .publish import BatchResult, relay_publish_batch
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,14 @@ def relay_run(*, budget: float | None = None) -> BatchResult:
     deadline = time.monotonic() + budget
     from .wake import relay_call_for_help  # here: relay.wake imports this module
 
-    # A full claim is a backlog: another worker process drains beside this run from now on, not from the
-    # end of this batch's publish.
-    first = _publish_batch_surviving_deadlocks(on_full_claim=relay_call_for_help)
+    def call_for_help() -> None:
+        # A full claim is a backlog: another worker process drains beside this run from now on, not from the
+        # end of this batch's publish. Not while publishes fail (a second run would wait out the same broker)
+        # nor past this run's budget.
+        if not kafka.producer.troubled and time.monotonic() < deadline:
+            relay_call_for_help()
+
+    first = _publish_batch_surviving_deadlocks(on_full_claim=call_for_help)
     if not _keep_going(first, deadline):
         return first
     lanes = max(1, settings.OUTBOX_RELAY_LANES)

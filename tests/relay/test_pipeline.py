@@ -74,3 +74,27 @@ def test_every_sent_row_records_the_partition_and_offset_its_message_got(broker)
     assert len({p for p, _ in position.values()}) > 1
     rows = OutboxEvent.objects.filter(status="sent")
     assert {str(row.event_id): (row.kafka_partition, row.kafka_offset) for row in rows} == position
+
+
+@pytest.mark.django_db
+def test_extreme_partitions_and_offsets_are_stored_as_acknowledged():
+    """Positions as wide as Kafka's types allow (int32 partitions, int64 offsets, negative sentinels) keep their
+    fixed-width fields: a wider one would shift every later row's position in the statement."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from relay import kafka
+    from relay.claim import _claim
+    from relay.publish import _mark_sent
+    from tests.relay.helpers import enqueue
+
+    extremes = [(2**31 - 1, 2**63 - 1), (0, -(2**63)), (-1, -1001), (123456, 0)]
+    for n in range(len(extremes)):
+        enqueue(f"extreme-{n}", "OrderCreated")
+    with transaction.atomic():
+        rows = _claim(now=timezone.now(), batch_size=10)
+        _mark_sent([(row, kafka.Delivery(partition=p, offset=o)) for row, (p, o) in zip(rows, extremes)],
+                   now=timezone.now())
+    stored = dict(OutboxEvent.objects.values_list("id", "kafka_partition").order_by())
+    offsets = dict(OutboxEvent.objects.values_list("id", "kafka_offset").order_by())
+    assert [(stored[row.id], offsets[row.id]) for row in rows] == extremes

@@ -69,3 +69,19 @@ def test_a_full_claim_calls_for_help_before_its_batch_is_published(producer, mon
         enqueue(str(n), "OrderCreated")
     assert relay_run(budget=1).sent == 3
     assert happened == ["help", "publish", "publish"]
+
+
+@pytest.mark.django_db
+def test_no_call_for_help_while_publishes_fail(producer, monkeypatch, settings):
+    """During a broker outage a second run would only wait out the same broker."""
+    from relay import kafka, tasks, wake
+
+    settings.OUTBOX_BATCH_SIZE = 2
+    wake._redis().delete(wake.HELP_KEY)
+    called = []
+    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **options: called.append(options))
+    monkeypatch.setattr(kafka.producer, "troubled_until", float("inf"))
+    for n in range(3):
+        enqueue(str(n), "OrderCreated")
+    relay_run(budget=1)
+    assert called == []
