@@ -27,18 +27,24 @@ def test_a_batch_chosen_as_deadlock_victim_runs_again(producer, monkeypatch):
     assert OutboxEvent.objects.get().status == "sent"
 
 
-@pytest.mark.django_db
-def test_a_run_that_finds_a_backlog_calls_one_more_run_at_once(producer, monkeypatch, settings):
-    """An idle worker process joins the drain now, not at beat's next poll; one call per poll interval."""
+@pytest.fixture
+def help_calls(producer, monkeypatch, settings) -> list:
+    """Batches of two (three events are a backlog); each call for help's apply_async options, recorded."""
     from relay import tasks, wake
 
     settings.OUTBOX_BATCH_SIZE = 2
     wake._redis().delete(wake.HELP_KEY)
     called = []
     monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **options: called.append(options))
+    return called
+
+
+@pytest.mark.django_db
+def test_a_run_that_finds_a_backlog_calls_one_more_run_at_once(help_calls, settings):
+    """An idle worker process joins the drain now, not at beat's next poll; one call per poll interval."""
     enqueue("1", "OrderCreated")
     assert relay_run(budget=1).sent == 1  # no backlog: nobody is called
-    assert called == []
+    assert help_calls == []
     for n in range(5):
         enqueue(str(n), "OrderCreated")
     assert relay_run(budget=1).sent == 5
@@ -46,42 +52,34 @@ def test_a_run_that_finds_a_backlog_calls_one_more_run_at_once(producer, monkeyp
     for n in range(5):
         enqueue(str(n), "OrderCancelled")
     assert relay_run(budget=1).sent == 5
-    assert called == [{"expires": settings.OUTBOX_POLL_INTERVAL}]  # the second backlog within the interval: no call
+    assert help_calls == [{"expires": settings.OUTBOX_POLL_INTERVAL}]  # the second backlog within the interval
 
 
 @pytest.mark.django_db
-def test_a_full_claim_calls_for_help_before_its_batch_is_published(producer, monkeypatch, settings):
+def test_a_full_claim_calls_for_help_before_its_batch_is_published(help_calls, monkeypatch, settings):
     """The second worker process starts draining while the first publishes its first batch, not after it."""
-    from relay import publish, tasks, wake
+    from relay import publish
 
-    settings.OUTBOX_BATCH_SIZE = 2
-    wake._redis().delete(wake.HELP_KEY)
-    happened = []
-    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **options: happened.append("help"))
     real_publish = publish.kafka.publish
 
     def publish_recorded(messages, **kwargs):
-        happened.append("publish")
+        help_calls.append("publish")
         return real_publish(messages, **kwargs)
 
     monkeypatch.setattr(publish.kafka, "publish", publish_recorded)
     for n in range(3):
         enqueue(str(n), "OrderCreated")
     assert relay_run(budget=1).sent == 3
-    assert happened == ["help", "publish", "publish"]
+    assert help_calls == [{"expires": settings.OUTBOX_POLL_INTERVAL}, "publish", "publish"]
 
 
 @pytest.mark.django_db
-def test_no_call_for_help_while_publishes_fail(producer, monkeypatch, settings):
+def test_no_call_for_help_while_publishes_fail(help_calls, monkeypatch):
     """During a broker outage a second run would only wait out the same broker."""
-    from relay import kafka, tasks, wake
+    from relay import kafka
 
-    settings.OUTBOX_BATCH_SIZE = 2
-    wake._redis().delete(wake.HELP_KEY)
-    called = []
-    monkeypatch.setattr(tasks.relay_outbox, "apply_async", lambda **options: called.append(options))
     monkeypatch.setattr(kafka.producer, "troubled_until", float("inf"))
     for n in range(3):
         enqueue(str(n), "OrderCreated")
     relay_run(budget=1)
-    assert called == []
+    assert help_calls == []
